@@ -1,0 +1,328 @@
+"""The timer rules of SPEC 1.2, as pure functions of (timer, command, now).
+
+Nothing here touches a database or reads a clock: the caller passes ``now``. The store keeps
+what these functions return; the firing path asks :func:`fire` what a due timer does.
+
+Schedule model: a timer remembers its ``anchor_at`` (the grid origin) and ``planned_at`` (its
+next fire whether or not it is enabled). ``due_at`` is ``planned_at`` when the timer is enabled
+and scheduled, else ``None``; only ``due_at`` is indexed and scanned for due timers. A repeating
+timer fires on the grid ``anchor_at + k * interval``: ``k >= 0`` when ``fireAt`` was given (the
+anchor is ``fireAt``), ``k >= 1`` for an interval-only timer (the anchor is the command's time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Final
+
+SCHEDULED: Final = "scheduled"
+DISABLED: Final = "disabled"
+UNSCHEDULED: Final = "unscheduled"
+FIRED: Final = "fired"
+STATES: Final = (SCHEDULED, DISABLED, UNSCHEDULED, FIRED)
+
+# Keys the fired event sets in its own `arguments`: extra arguments may not use them.
+EVENT_ARGUMENT_KEYS: Final = frozenset(
+    {
+        "personaId",
+        "timerName",
+        "scheduledAt",
+        "firedAt",
+        "fireCount",
+        "missedCount",
+        "repeatable",
+        "interval",
+    }
+)
+
+
+class RuleError(ValueError):
+    """A command breaks a timer rule; nothing is changed. ``field`` names the argument."""
+
+    def __init__(self, field: str, message: str, code: str = "invalid_argument") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+@dataclass(slots=True)
+class Timer:
+    """One timer as stored: the command's arguments plus its schedule and history."""
+
+    persona_id: str
+    timer_name: str
+    connector_idn: str
+    fire_at: datetime | None
+    timezone: str | None
+    interval: float | None
+    repeatable: bool
+    enabled: bool
+    anchor_at: datetime | None
+    planned_at: datetime | None
+    due_at: datetime | None
+    state: str
+    fire_count: int
+    last_fired_at: datetime | None
+    arguments: dict[str, str]
+    command_act_id: str
+    created_at: datetime
+    updated_at: datetime
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetCommand:
+    """A validated ``set_timer``: ``given`` names the rule arguments the command carried."""
+
+    persona_id: str
+    timer_name: str
+    connector_idn: str
+    command_act_id: str
+    fire_at: datetime | None = None
+    timezone: str | None = None
+    interval: float | None = None
+    repeatable: bool = False
+    enabled: bool = True
+    extra: dict[str, str] | None = None
+    given: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    min_interval: float = 1.0
+
+
+def _seconds(delta: timedelta) -> float:
+    return delta.total_seconds()
+
+
+def _grid_index_at_or_after(anchor: datetime, interval: float, when: datetime, k_min: int) -> int:
+    k = math.ceil(_seconds(when - anchor) / interval - 1e-9)
+    return max(k, k_min)
+
+
+def _grid_time(anchor: datetime, interval: float, k: int) -> datetime:
+    return anchor + timedelta(seconds=k * interval)
+
+
+def _k_min(timer: Timer) -> int:
+    """Interval-only repeating timers start one interval after their anchor."""
+    return 0 if timer.fire_at is not None else 1
+
+
+def next_grid_time(timer: Timer, not_before: datetime) -> datetime:
+    """The first grid time of a repeating timer that is not before ``not_before``."""
+    assert timer.anchor_at is not None and timer.interval is not None
+    k = _grid_index_at_or_after(timer.anchor_at, timer.interval, not_before, _k_min(timer))
+    return _grid_time(timer.anchor_at, timer.interval, k)
+
+
+def derive_state(timer: Timer, completed: bool) -> str:
+    if completed:
+        return FIRED
+    if timer.planned_at is None:
+        return UNSCHEDULED
+    if not timer.enabled:
+        return DISABLED
+    return SCHEDULED
+
+
+def apply_set(
+    existing: Timer | None, cmd: SetCommand, now: datetime, limits: Limits
+) -> tuple[Timer, list[str]]:
+    """The timer that ``cmd`` leaves behind, and the reply's warnings.
+
+    Upsert: the arguments given replace the stored ones, the others keep their stored value;
+    defaults apply only on creation. Giving ``fireAt``, ``interval`` or ``repeatable``
+    restarts the schedule from ``now``; ``enabled`` alone keeps it.
+
+    :raises RuleError: the command is refused; ``existing`` is untouched.
+    """
+    warnings: list[str] = []
+    given = cmd.given
+    if existing is None:
+        timer = Timer(
+            persona_id=cmd.persona_id,
+            timer_name=cmd.timer_name,
+            connector_idn=cmd.connector_idn,
+            fire_at=None,
+            timezone=None,
+            interval=None,
+            repeatable=False,
+            enabled=True,
+            anchor_at=None,
+            planned_at=None,
+            due_at=None,
+            state=UNSCHEDULED,
+            fire_count=0,
+            last_fired_at=None,
+            arguments={},
+            command_act_id=cmd.command_act_id,
+            created_at=now,
+            updated_at=now,
+        )
+        was_enabled = True
+        completed = False
+    else:
+        timer = replace(existing, arguments=dict(existing.arguments))
+        was_enabled = existing.enabled
+        completed = existing.state == FIRED
+
+    if "fireAt" in given:
+        timer.fire_at = cmd.fire_at
+        timer.timezone = cmd.timezone
+    if "interval" in given:
+        timer.interval = cmd.interval
+    if "repeatable" in given:
+        timer.repeatable = cmd.repeatable
+    if "enabled" in given:
+        timer.enabled = cmd.enabled
+    if cmd.extra is not None:
+        timer.arguments = dict(cmd.extra)
+    timer.connector_idn = cmd.connector_idn
+    timer.command_act_id = cmd.command_act_id
+    timer.updated_at = now
+
+    if timer.repeatable:
+        if timer.interval is None:
+            raise RuleError("interval", 'interval is required when repeatable is "true"')
+        if timer.interval < limits.min_interval:
+            raise RuleError(
+                "interval",
+                f"interval {timer.interval:g} s is below the minimum repeat interval of "
+                f"{limits.min_interval:g} s",
+            )
+
+    restart = existing is None or bool(given & {"fireAt", "interval", "repeatable"})
+    if restart:
+        completed = False
+        _plan(timer, now, warnings)
+    elif (
+        not was_enabled
+        and timer.enabled
+        and timer.repeatable
+        and timer.planned_at is not None
+        and timer.planned_at < now
+    ):
+        # Re-enabled: continue on the grid; occurrences skipped while disabled are not fired.
+        timer.planned_at = next_grid_time(timer, now)
+
+    timer.state = derive_state(timer, completed)
+    timer.due_at = timer.planned_at if timer.state == SCHEDULED else None
+    if timer.state == UNSCHEDULED:
+        warnings.append("the timer has neither fireAt nor interval: it is kept but never fires")
+    return timer, warnings
+
+
+def _plan(timer: Timer, now: datetime, warnings: list[str]) -> None:
+    """Restart the schedule from ``now`` (the command's time)."""
+    fire_at, interval = timer.fire_at, timer.interval
+    if fire_at is None and interval is None:
+        timer.anchor_at = timer.planned_at = None
+        return
+    if not timer.repeatable:
+        timer.anchor_at = None
+        if fire_at is not None:
+            if interval is not None:
+                warnings.append("interval is ignored: the timer is not repeatable and has fireAt")
+            timer.planned_at = fire_at
+            if fire_at < now:
+                warnings.append("fireAt is in the past: the timer fires at once")
+        else:
+            assert interval is not None
+            timer.planned_at = now + timedelta(seconds=interval)
+        return
+    assert interval is not None
+    timer.anchor_at = fire_at if fire_at is not None else now
+    timer.planned_at = next_grid_time(timer, now)
+    if fire_at is not None and fire_at < now:
+        warnings.append(
+            "fireAt is in the past: the timer fires next at "
+            f"{timer.planned_at.isoformat().replace('+00:00', 'Z')}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FireOutcome:
+    """What a due timer does at ``now``.
+
+    ``fired`` is false when every due occurrence was later than the misfire grace (dropped).
+    The timer fields to store are ``planned_at``/``due_at``/``state``/``fire_count``/
+    ``last_fired_at``.
+    """
+
+    fired: bool
+    scheduled_at: datetime
+    missed_count: int
+    dropped: int
+    fire_count: int
+    last_fired_at: datetime | None
+    planned_at: datetime | None
+    due_at: datetime | None
+    state: str
+
+
+def fire(timer: Timer, now: datetime, misfire_grace: float | None) -> FireOutcome:
+    """Fire a due timer (``timer.due_at <= now``).
+
+    One-shot: fires once and is completed (state ``fired``). Repeating: fires once for every
+    occurrence due by ``now`` (``missed_count`` = the occurrences beyond the first) and moves to
+    the first grid time after ``now``. With ``misfire_grace`` set, occurrences later than it are
+    dropped (counted in ``dropped``) instead of fired.
+    """
+    assert timer.due_at is not None
+    due = timer.due_at
+    grace = None if misfire_grace is None else timedelta(seconds=misfire_grace)
+    if not timer.repeatable or timer.interval is None or timer.anchor_at is None:
+        if grace is not None and now - due > grace:
+            return FireOutcome(
+                False, due, 0, 1, timer.fire_count, timer.last_fired_at, None, None, FIRED
+            )
+        return FireOutcome(True, due, 0, 0, timer.fire_count + 1, now, None, None, FIRED)
+
+    anchor, interval = timer.anchor_at, timer.interval
+    k_due = round(_seconds(due - anchor) / interval)
+    k_now = max(k_due, math.floor(_seconds(now - anchor) / interval + 1e-9))
+    next_at = _grid_time(anchor, interval, k_now + 1)
+    occurrences = k_now - k_due + 1
+    first_k = k_due
+    if grace is not None:
+        oldest_allowed = now - grace
+        first_k = max(k_due, _grid_index_at_or_after(anchor, interval, oldest_allowed, k_due))
+    dropped = first_k - k_due
+    if first_k > k_now:
+        return FireOutcome(
+            False,
+            due,
+            0,
+            occurrences,
+            timer.fire_count,
+            timer.last_fired_at,
+            next_at,
+            next_at if timer.enabled else None,
+            SCHEDULED,
+        )
+    scheduled = due if first_k == k_due else _grid_time(anchor, interval, first_k)
+    return FireOutcome(
+        True,
+        scheduled,
+        k_now - first_k,
+        dropped,
+        timer.fire_count + 1,
+        now,
+        next_at,
+        next_at,
+        SCHEDULED,
+    )
+
+
+def format_interval(interval: float | None) -> str | None:
+    """An interval as the string the platform uses: ``"240"``, ``"0.5"``."""
+    if interval is None:
+        return None
+    if interval == int(interval):
+        return str(int(interval))
+    return repr(interval)

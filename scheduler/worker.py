@@ -1,0 +1,161 @@
+"""The one thread that runs the socket side's database work.
+
+Commands queue here and are applied in groups: everything waiting when the thread is free (up
+to ``max_batch`` commands) goes into one transaction, so a pipelining client costs one commit per
+group, not per command. Other work (subscriptions, deliveries, status) is a callable run in a
+transaction of its own. Results come back as :class:`concurrent.futures.Future`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from scheduler.clock import Clock
+from scheduler.commands import CommandSettings, Outcome, apply_batch
+from scheduler.logs import get_logger
+from scheduler.protocol import CommandRequest, ProtocolError
+from store.db import transaction
+from store.errors import Conflict, StoreUnavailable
+
+log = get_logger()
+
+
+@dataclass(slots=True)
+class _Command:
+    request: CommandRequest
+    future: Future[Outcome]
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[Connection], Any]
+    future: Future[Any]
+
+
+_STOP = object()
+
+
+class StoreWorker:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: CommandSettings,
+        clock: Clock,
+        *,
+        max_batch: int = 512,
+        on_committed: Callable[[list[tuple[CommandRequest, Outcome]]], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._clock = clock
+        self._max_batch = max_batch
+        self._on_committed = on_committed
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="store-worker", daemon=True)
+        self.available = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def command(self, request: CommandRequest) -> Future[Outcome]:
+        fut: Future[Outcome] = Future()
+        self._queue.put(_Command(request, fut))
+        return fut
+
+    def call(self, fn: Callable[[Connection], Any]) -> Future[Any]:
+        """Run ``fn(connection)`` in a transaction of its own on the worker thread."""
+        fut: Future[Any] = Future()
+        self._queue.put(_Call(fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        pending: Any = None
+        while True:
+            item = pending if pending is not None else self._queue.get()
+            pending = None
+            if item is _STOP:
+                return
+            if isinstance(item, _Call):
+                self._run_call(item)
+                continue
+            group = [item]
+            while len(group) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(nxt, _Command):
+                    pending = nxt
+                    break
+                group.append(nxt)
+            self._run_commands(group)
+
+    def _run_call(self, item: _Call) -> None:
+        try:
+            with transaction(self._engine) as conn:
+                result = item.fn(conn)
+            self._mark_available(True)
+        except StoreUnavailable as exc:
+            self._mark_available(False, str(exc))
+            item.future.set_exception(exc)
+        except BaseException as exc:
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(result)
+
+    def _run_commands(self, group: list[_Command]) -> None:
+        requests = [c.request for c in group]
+        for attempt in range(3):
+            try:
+                with transaction(self._engine) as conn:
+                    outcomes = apply_batch(conn, requests, self._settings, self._clock.now())
+                self._mark_available(True)
+                break
+            except Conflict:
+                if attempt == 2:
+                    if len(group) > 1:
+                        for cmd in group:  # isolate the command that keeps conflicting
+                            self._run_commands([cmd])
+                        return
+                    outcomes = [_error("internal", "the command kept conflicting; retry it")]
+                    break
+            except StoreUnavailable as exc:
+                self._mark_available(False, str(exc))
+                outcomes = [_error("unavailable", f"the database cannot be reached: {exc}")] * len(
+                    group
+                )
+                break
+            except Exception:
+                if len(group) > 1:
+                    for cmd in group:  # one bad command must not fail the others
+                        self._run_commands([cmd])
+                    return
+                log.exception("command failed", action="command_failed")
+                outcomes = [_error("internal", "internal error; see the daemon's log")]
+                break
+        for cmd, outcome in zip(group, outcomes, strict=True):
+            cmd.future.set_result(outcome)
+        if self._on_committed is not None:
+            self._on_committed(list(zip(requests, outcomes, strict=True)))
+
+    def _mark_available(self, ok: bool, reason: str = "") -> None:
+        if ok and not self.available:
+            log.info("database reachable again", action="database_back")
+        elif not ok and self.available:
+            log.error("database unreachable", action="database_down", reason=reason)
+        self.available = ok
+
+
+def _error(code: str, message: str) -> Outcome:
+    return Outcome(error=ProtocolError(code, message))

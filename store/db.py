@@ -1,0 +1,181 @@
+"""Engines, transactions, migrations and driver-error translation.
+
+SQLite: WAL, ``synchronous=FULL``, every transaction ``BEGIN IMMEDIATE`` (so two writers queue on
+the busy timeout instead of failing on a lock upgrade), and an exclusive lock file beside the
+database so that a second daemon on the same file is refused. PostgreSQL: psycopg 3, short
+connect timeout and TCP keepalives, so an outage is noticed quickly instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy.exc as sa_exc
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
+
+from store.errors import AlreadyRunning, Conflict, StoreUnavailable
+
+MIGRATIONS = str(Path(__file__).parent / "migrations")
+
+
+def normalize_url(url: str) -> URL:
+    """Accept ``postgresql://`` and ``postgres://`` and use psycopg 3 for them."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def dialect_of(url: str) -> str:
+    return normalize_url(url).get_backend_name()
+
+
+def sqlite_path(url: URL) -> Path | None:
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
+
+
+def make_engine(url: str, *, pool_size: int = 4) -> Engine:
+    parsed = normalize_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = create_engine(
+            parsed,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=None if sqlite_path(parsed) else NullPool,
+            pool_size=pool_size,
+            max_overflow=4,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if backend == "postgresql":
+        return create_engine(
+            parsed,
+            pool_size=pool_size,
+            max_overflow=4,
+            pool_pre_ping=True,
+            pool_timeout=5,
+            connect_args={
+                "connect_timeout": 3,
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "application_name": "program-timer",
+                "options": "-c idle_in_transaction_session_timeout=60000",
+            },
+        )
+    raise ValueError(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn driver errors into the store's own (the rest of the code sees no driver error)."""
+    try:
+        yield
+    except sa_exc.IntegrityError as exc:
+        raise Conflict(str(exc.orig)) from exc
+    except sa_exc.DBAPIError as exc:
+        text_ = str(exc.orig) if exc.orig is not None else str(exc)
+        if exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        ):
+            if "serializ" in text_ or "deadlock" in text_:
+                raise Conflict(text_) from exc
+            raise StoreUnavailable(_first_line(text_)) from exc
+        raise
+    except sa_exc.TimeoutError as exc:
+        raise StoreUnavailable("no database connection could be had in time") from exc
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "database error"
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One database transaction; driver errors come out translated."""
+    with translate_errors(), engine.begin() as conn:
+        yield conn
+
+
+def upgrade(engine: Engine) -> None:
+    """Create or upgrade the schema to the newest migration (several daemons may race here)."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", MIGRATIONS)
+    with translate_errors(), engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(7020170911)"))
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            alembic_command.upgrade(cfg, "head")
+            conn.commit()
+        finally:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_unlock(7020170911)"))
+                conn.commit()
+
+
+def schema_version(engine: Engine) -> str | None:
+    with translate_errors(), engine.connect() as conn:
+        try:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except sa_exc.DBAPIError:
+            return None
+
+
+class SQLiteLock:
+    """An exclusive lock on ``<database>.lock``, held for the daemon's life."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another program-timer daemon (pid {holder}) is using the SQLite database "
+                f"{self.path.with_suffix('')}; SQLite is single-daemon: stop it first, or use "
+                "PostgreSQL to run several daemons"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,132 @@
+"""An APScheduler 3.x job store over the ``timers`` table.
+
+Timers are not stored as APScheduler jobs (no pickled state, nothing loaded whole into memory).
+The store presents the table to the scheduler as what the scheduler needs to know: *when* it must
+next wake up (:meth:`get_next_run_time`, one index lookup of the earliest ``due_at``), and, once
+timers are due, one job (:data:`FIRE_JOB_ID`) that the scheduler hands to its executor. That job
+fires the due timers in bounded batches, one transaction each, and tells the scheduler to look
+again when it is done. While a fire pass runs the store reports nothing due, so the scheduler
+neither spins nor starts a second pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.job import Job
+from apscheduler.jobstores.base import BaseJobStore, JobLookupError
+from apscheduler.triggers.date import DateTrigger
+from sqlalchemy import Engine
+
+from store import queries
+from store.db import transaction
+from store.errors import StoreError
+
+FIRE_JOB_ID = "program-timer:fire-due"
+
+
+class TimerJobStore(BaseJobStore):  # type: ignore[misc]
+    """Job store of the timers table; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        fire_pass: Callable[[], None],
+        *,
+        executor: str = "firing",
+        retry_interval: float = 1.0,
+        poll_interval: float = 5.0,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        super().__init__()
+        self._engine = engine
+        self._fire_pass = fire_pass
+        self._executor = executor
+        self._retry = timedelta(seconds=retry_interval)
+        self._poll = timedelta(seconds=poll_interval)
+        self._now = now
+        self._busy = threading.Event()
+
+    # What the scheduler asks -------------------------------------------------------------
+
+    def get_next_run_time(self) -> datetime | None:
+        """The earliest ``due_at``, capped at one poll interval from now (other daemons sharing
+        the database may add timers without telling us). Never raises: when the database is
+        unreachable, the answer is "retry soon"."""
+        now = self._now()
+        if self._busy.is_set():
+            return None
+        try:
+            with transaction(self._engine) as conn:
+                due = queries.next_due_at(conn)
+        except StoreError:
+            return now + self._retry
+        horizon = now + self._poll
+        return horizon if due is None or due > horizon else due
+
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        """The fire job when a timer is due at ``now``. Raises StoreError if the database is
+        unreachable (the scheduler then retries after its ``jobstore_retry_interval``)."""
+        if self._busy.is_set():
+            return []
+        with transaction(self._engine) as conn:
+            due = queries.next_due_at(conn)
+        if due is None or due > now:
+            return []
+        self._busy.set()
+        return [self._fire_job(due)]
+
+    def lookup_job(self, job_id: str) -> Job | None:
+        return None
+
+    def get_all_jobs(self) -> list[Job]:
+        """Timers are listed per persona through ``list_timers``, never all at once."""
+        return []
+
+    def add_job(self, job: Job) -> None:
+        raise TypeError("timers are created by set_timer commands, not by add_job()")
+
+    def update_job(self, job: Job) -> None:
+        raise JobLookupError(job.id)
+
+    def remove_job(self, job_id: str) -> None:
+        """The scheduler removes the fire job once submitted; nothing is stored for it."""
+        if job_id != FIRE_JOB_ID:
+            raise JobLookupError(job_id)
+
+    def remove_all_jobs(self) -> None:
+        """Timers are deleted by commands only; this never deletes timers."""
+
+    # The fire job -----------------------------------------------------------------------
+
+    def _fire_job(self, due: datetime) -> Job:
+        return Job(
+            self._scheduler,
+            id=FIRE_JOB_ID,
+            func=self._run_fire_pass,
+            args=(),
+            kwargs={},
+            trigger=DateTrigger(run_date=due, timezone=UTC),
+            executor=self._executor,
+            name="fire due timers",
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=1,
+            next_run_time=due,
+        )
+
+    def _run_fire_pass(self) -> None:
+        try:
+            self._fire_pass()
+        finally:
+            self._busy.clear()
+            self._scheduler.wakeup()
+
+    def __repr__(self) -> str:
+        return f"<{self.__class__.__name__} ({self._engine.url.render_as_string()})>"
+
+    def debug_state(self) -> dict[str, Any]:
+        return {"busy": self._busy.is_set()}

@@ -1,0 +1,485 @@
+"""Every SQL statement of program-timer. Functions take an open connection (one transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Row,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+
+from scheduler.rules import Timer
+from store.schema import command_acts, daemons, deliveries, events, subscriptions, timers
+
+# --- timers ---------------------------------------------------------------------------------
+
+_TIMER_COLUMNS = (
+    "persona_id",
+    "timer_name",
+    "connector_idn",
+    "fire_at",
+    "timezone",
+    "interval_s",
+    "repeatable",
+    "enabled",
+    "anchor_at",
+    "planned_at",
+    "due_at",
+    "state",
+    "fire_count",
+    "last_fired_at",
+    "arguments",
+    "command_act_id",
+    "created_at",
+    "updated_at",
+)
+
+
+def timer_from_row(row: Row[Any]) -> Timer:
+    m = row._mapping
+    return Timer(
+        persona_id=m["persona_id"],
+        timer_name=m["timer_name"],
+        connector_idn=m["connector_idn"],
+        fire_at=m["fire_at"],
+        timezone=m["timezone"],
+        interval=m["interval_s"],
+        repeatable=bool(m["repeatable"]),
+        enabled=bool(m["enabled"]),
+        anchor_at=m["anchor_at"],
+        planned_at=m["planned_at"],
+        due_at=m["due_at"],
+        state=m["state"],
+        fire_count=m["fire_count"],
+        last_fired_at=m["last_fired_at"],
+        arguments=dict(m["arguments"] or {}),
+        command_act_id=m["command_act_id"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        id=m["id"],
+    )
+
+
+def _timer_values(t: Timer) -> dict[str, Any]:
+    return {
+        "persona_id": t.persona_id,
+        "timer_name": t.timer_name,
+        "connector_idn": t.connector_idn,
+        "fire_at": t.fire_at,
+        "timezone": t.timezone,
+        "interval_s": t.interval,
+        "repeatable": t.repeatable,
+        "enabled": t.enabled,
+        "anchor_at": t.anchor_at,
+        "planned_at": t.planned_at,
+        "due_at": t.due_at,
+        "state": t.state,
+        "fire_count": t.fire_count,
+        "last_fired_at": t.last_fired_at,
+        "arguments": t.arguments,
+        "command_act_id": t.command_act_id,
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+    }
+
+
+def load_timers(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Timer]:
+    keys = list(dict.fromkeys(keys))
+    found: dict[tuple[str, str], Timer] = {}
+    for start in range(0, len(keys), 400):
+        chunk = keys[start : start + 400]
+        stmt = select(timers).where(tuple_(timers.c.persona_id, timers.c.timer_name).in_(chunk))
+        for row in conn.execute(stmt):
+            t = timer_from_row(row)
+            found[(t.persona_id, t.timer_name)] = t
+    return found
+
+
+def get_timer(conn: Connection, persona_id: str, timer_name: str) -> Timer | None:
+    row = conn.execute(
+        select(timers).where(timers.c.persona_id == persona_id, timers.c.timer_name == timer_name)
+    ).first()
+    return timer_from_row(row) if row else None
+
+
+def count_timers(conn: Connection, personas: Iterable[str]) -> dict[str, int]:
+    personas = list(set(personas))
+    counts = dict.fromkeys(personas, 0)
+    for start in range(0, len(personas), 500):
+        stmt = (
+            select(timers.c.persona_id, func.count())
+            .where(timers.c.persona_id.in_(personas[start : start + 500]))
+            .group_by(timers.c.persona_id)
+        )
+        for persona, n in conn.execute(stmt):
+            counts[persona] = n
+    return counts
+
+
+def insert_timers(conn: Connection, new: Sequence[Timer]) -> None:
+    if new:
+        conn.execute(insert(timers), [_timer_values(t) for t in new])
+
+
+_UPDATE_TIMER = (
+    update(timers)
+    .where(timers.c.id == bindparam("_id"))
+    .values({c: bindparam(c) for c in _TIMER_COLUMNS})
+)
+
+
+def update_timers(conn: Connection, changed: Sequence[Timer]) -> None:
+    if changed:
+        conn.execute(_UPDATE_TIMER, [{"_id": t.id, **_timer_values(t)} for t in changed])
+
+
+def delete_timer_ids(conn: Connection, ids: Sequence[int]) -> None:
+    if ids:
+        conn.execute(delete(timers).where(timers.c.id.in_(list(ids))))
+
+
+def delete_persona_timers(conn: Connection, persona_id: str) -> int:
+    return conn.execute(delete(timers).where(timers.c.persona_id == persona_id)).rowcount
+
+
+def list_timers(conn: Connection, persona_id: str, after: str | None, limit: int) -> list[Timer]:
+    stmt = select(timers).where(timers.c.persona_id == persona_id)
+    if after is not None:
+        stmt = stmt.where(timers.c.timer_name > after)
+    stmt = stmt.order_by(timers.c.timer_name).limit(limit)
+    return [timer_from_row(r) for r in conn.execute(stmt)]
+
+
+def next_due_at(conn: Connection) -> datetime | None:
+    result: datetime | None = conn.execute(
+        select(timers.c.due_at)
+        .where(timers.c.due_at.is_not(None))
+        .order_by(timers.c.due_at)
+        .limit(1)
+    ).scalar()
+    return result
+
+
+def claim_due(conn: Connection, now: datetime, limit: int) -> list[Timer]:
+    """Lock and return up to ``limit`` due timers, oldest first.
+
+    On PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED``: timers another daemon is firing
+    are skipped, and the lock lasts until this transaction ends (commit, rollback, or the
+    connection dying), so a dead daemon's claim is released by the server itself.
+    """
+    stmt = (
+        select(timers)
+        .where(timers.c.due_at <= now)
+        .order_by(timers.c.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [timer_from_row(r) for r in conn.execute(stmt)]
+
+
+_UPDATE_FIRED = (
+    update(timers)
+    .where(timers.c.id == bindparam("_id"))
+    .values(
+        planned_at=bindparam("planned_at"),
+        due_at=bindparam("due_at"),
+        state=bindparam("state"),
+        fire_count=bindparam("fire_count"),
+        last_fired_at=bindparam("last_fired_at"),
+    )
+)
+
+
+def update_fired(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows: ``_id``, ``planned_at``, ``due_at``, ``state``, ``fire_count``, ``last_fired_at``."""
+    if rows:
+        conn.execute(_UPDATE_FIRED, list(rows))
+
+
+def purge_fired_timers(conn: Connection, before: datetime) -> int:
+    stmt = delete(timers).where(
+        timers.c.state == "fired",
+        timers.c.updated_at < before,
+    )
+    return conn.execute(stmt).rowcount
+
+
+def timer_counts(conn: Connection) -> dict[str, int]:
+    return {
+        state: n
+        for state, n in conn.execute(select(timers.c.state, func.count()).group_by(timers.c.state))
+    }
+
+
+# --- events and deliveries ------------------------------------------------------------------
+
+
+def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
+    if not rows:
+        return []
+    result = conn.execute(
+        insert(events).returning(events.c.id, sort_by_parameter_order=True), list(rows)
+    )
+    return [r[0] for r in result]
+
+
+def insert_deliveries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        conn.execute(insert(deliveries), list(rows))
+
+
+def all_subscriptions(conn: Connection) -> list[Row[Any]]:
+    return list(conn.execute(select(subscriptions)))
+
+
+def get_subscription(conn: Connection, subscription_id: str) -> Row[Any] | None:
+    return conn.execute(
+        select(subscriptions).where(subscriptions.c.subscription_id == subscription_id)
+    ).first()
+
+
+def upsert_subscription(conn: Connection, values: dict[str, Any]) -> bool:
+    """Create the subscription or update its flow instance and filter; True if created."""
+    existing = get_subscription(conn, values["subscription_id"])
+    if existing is None:
+        conn.execute(insert(subscriptions).values(**values))
+        return True
+    conn.execute(
+        update(subscriptions)
+        .where(subscriptions.c.subscription_id == values["subscription_id"])
+        .values(
+            flow_instance_id=values["flow_instance_id"],
+            filter_connector_idn=values["filter_connector_idn"],
+            filter_persona_id=values["filter_persona_id"],
+            attached_to=values["attached_to"],
+            attached_at=values["attached_at"],
+        )
+    )
+    return False
+
+
+def detach_subscriptions(conn: Connection, subscription_ids: Sequence[str], daemon_id: str) -> None:
+    if subscription_ids:
+        conn.execute(
+            update(subscriptions)
+            .where(
+                subscriptions.c.subscription_id.in_(list(subscription_ids)),
+                subscriptions.c.attached_to == daemon_id,
+            )
+            .values(attached_to=None, attached_at=None)
+        )
+
+
+def detach_daemon(conn: Connection, daemon_id: str) -> None:
+    conn.execute(
+        update(subscriptions)
+        .where(subscriptions.c.attached_to == daemon_id)
+        .values(attached_to=None, attached_at=None)
+    )
+
+
+def delete_subscription(conn: Connection, subscription_id: str) -> bool:
+    conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
+    return bool(
+        conn.execute(
+            delete(subscriptions).where(subscriptions.c.subscription_id == subscription_id)
+        ).rowcount
+    )
+
+
+def due_deliveries(
+    conn: Connection, subscription_id: str, now: datetime, limit: int
+) -> list[Row[Any]]:
+    """Pending deliveries of a subscription that may be sent now, in fire order."""
+    stmt = (
+        select(
+            deliveries.c.id,
+            deliveries.c.attempt,
+            events.c.external_event_id,
+            events.c.persona_id,
+            events.c.connector_idn,
+            events.c.command_act_id,
+            events.c.arguments,
+        )
+        .join(events, events.c.id == deliveries.c.event_id)
+        .where(
+            deliveries.c.subscription_id == subscription_id,
+            deliveries.c.acked_at.is_(None),
+            deliveries.c.next_attempt_at <= now,
+        )
+        .order_by(deliveries.c.id)
+        .limit(limit)
+    )
+    return list(conn.execute(stmt))
+
+
+def next_resend_at(conn: Connection, subscription_ids: Sequence[str]) -> datetime | None:
+    if not subscription_ids:
+        return None
+    result: datetime | None = conn.execute(
+        select(func.min(deliveries.c.next_attempt_at)).where(
+            deliveries.c.subscription_id.in_(list(subscription_ids)),
+            deliveries.c.acked_at.is_(None),
+        )
+    ).scalar()
+    return result
+
+
+_MARK_SENT = (
+    update(deliveries)
+    .where(deliveries.c.id == bindparam("_id"))
+    .values(
+        attempt=bindparam("attempt"),
+        sent_at=bindparam("sent_at"),
+        next_attempt_at=bindparam("next_attempt_at"),
+    )
+)
+
+
+def mark_sent(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        conn.execute(_MARK_SENT, list(rows))
+
+
+def ack_deliveries(
+    conn: Connection, delivery_ids: Sequence[int], subscription_ids: Sequence[str], now: datetime
+) -> list[int]:
+    """Ack the given deliveries of these subscriptions; returns the ids really acked now."""
+    if not delivery_ids or not subscription_ids:
+        return []
+    result = conn.execute(
+        update(deliveries)
+        .where(
+            deliveries.c.id.in_(list(delivery_ids)),
+            deliveries.c.subscription_id.in_(list(subscription_ids)),
+            deliveries.c.acked_at.is_(None),
+        )
+        .values(acked_at=now)
+        .returning(deliveries.c.id)
+    )
+    return [r[0] for r in result]
+
+
+def release_unacked(conn: Connection, subscription_ids: Sequence[str], now: datetime) -> None:
+    """Make a subscription's in-flight deliveries sendable at once (it reconnected)."""
+    if subscription_ids:
+        conn.execute(
+            update(deliveries)
+            .where(
+                deliveries.c.subscription_id.in_(list(subscription_ids)),
+                deliveries.c.acked_at.is_(None),
+            )
+            .values(next_attempt_at=now)
+        )
+
+
+def delivery_figures(conn: Connection) -> dict[str, Any]:
+    pending, oldest = conn.execute(
+        select(func.count(), func.min(deliveries.c.created_at)).where(
+            deliveries.c.acked_at.is_(None)
+        )
+    ).one()
+    unrouted = conn.execute(select(func.count()).where(events.c.routed == 0)).scalar() or 0
+    total_events = conn.execute(select(func.count()).select_from(events)).scalar() or 0
+    subs = conn.execute(select(func.count()).select_from(subscriptions)).scalar() or 0
+    return {
+        "pending": pending,
+        "oldest_pending_at": oldest,
+        "unrouted_events": unrouted,
+        "events": total_events,
+        "subscriptions": subs,
+    }
+
+
+def purge_deliveries_and_events(
+    conn: Connection, acked_before: datetime, expired_before: datetime
+) -> tuple[int, int]:
+    acked = conn.execute(delete(deliveries).where(deliveries.c.acked_at < acked_before)).rowcount
+    old_events = select(events.c.id).where(events.c.fired_at < expired_before)
+    conn.execute(delete(deliveries).where(deliveries.c.event_id.in_(old_events)))
+    expired = conn.execute(delete(events).where(events.c.fired_at < expired_before)).rowcount
+    return acked, expired
+
+
+def events_of_timer(conn: Connection, persona_id: str, timer_name: str) -> list[Row[Any]]:
+    return list(
+        conn.execute(
+            select(events)
+            .where(and_(events.c.persona_id == persona_id, events.c.timer_name == timer_name))
+            .order_by(events.c.id)
+        )
+    )
+
+
+# --- command acts (idempotent retries) ------------------------------------------------------
+
+
+def load_command_acts(conn: Connection, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    ids = list(set(ids))
+    found: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(ids), 500):
+        stmt = select(command_acts.c.command_act_id, command_acts.c.reply).where(
+            command_acts.c.command_act_id.in_(ids[start : start + 500])
+        )
+        for act_id, reply in conn.execute(stmt):
+            found[act_id] = reply
+    return found
+
+
+def save_command_acts(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        conn.execute(insert(command_acts), list(rows))
+
+
+def purge_command_acts(conn: Connection, before: datetime) -> int:
+    return conn.execute(delete(command_acts).where(command_acts.c.created_at < before)).rowcount
+
+
+# --- daemons --------------------------------------------------------------------------------
+
+
+def register_daemon(conn: Connection, values: dict[str, Any]) -> None:
+    conn.execute(delete(daemons).where(daemons.c.daemon_id == values["daemon_id"]))
+    conn.execute(insert(daemons).values(**values))
+
+
+def heartbeat(conn: Connection, daemon_id: str, now: datetime) -> None:
+    conn.execute(update(daemons).where(daemons.c.daemon_id == daemon_id).values(heartbeat_at=now))
+
+
+def forget_daemon(conn: Connection, daemon_id: str) -> None:
+    conn.execute(delete(daemons).where(daemons.c.daemon_id == daemon_id))
+
+
+def live_daemons(conn: Connection, since: datetime) -> list[Row[Any]]:
+    return list(
+        conn.execute(
+            select(daemons).where(daemons.c.heartbeat_at >= since).order_by(daemons.c.started_at)
+        )
+    )
+
+
+def purge_dead_daemons(conn: Connection, before: datetime) -> list[str]:
+    dead = [
+        r[0]
+        for r in conn.execute(select(daemons.c.daemon_id).where(daemons.c.heartbeat_at < before))
+    ]
+    if dead:
+        conn.execute(
+            update(subscriptions)
+            .where(subscriptions.c.attached_to.in_(dead))
+            .values(attached_to=None, attached_at=None)
+        )
+        conn.execute(delete(daemons).where(daemons.c.daemon_id.in_(dead)))
+    return dead

@@ -1,0 +1,170 @@
+"""The tables of program-timer, built in one place.
+
+Every time is a UTC instant: ``timestamptz`` on PostgreSQL; on SQLite, where there is no time
+zone type, a naive UTC ``DATETIME`` whose text form sorts in time order. :class:`UTCDateTime`
+hides that difference: Python always sees aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+NAME = 255
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on both dialects."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JSONDoc: Any = JSON().with_variant(JSONB(), "postgresql")
+
+metadata = MetaData()
+
+timers = Table(
+    "timers",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("persona_id", String(NAME), nullable=False),
+    Column("timer_name", String(NAME), nullable=False),
+    Column("connector_idn", String(NAME), nullable=False),
+    # What the commands gave (fire_at is stored in UTC; the time zone it was read in is kept).
+    Column("fire_at", UTCDateTime(), nullable=True),
+    Column("timezone", String(64), nullable=True),
+    Column("interval_s", Float(), nullable=True),
+    Column("repeatable", Boolean(), nullable=False, default=False),
+    Column("enabled", Boolean(), nullable=False, default=True),
+    # The schedule: a repeating timer fires at anchor_at + k * interval_s.
+    Column("anchor_at", UTCDateTime(), nullable=True),
+    # The next fire regardless of `enabled` (kept while disabled) ...
+    Column("planned_at", UTCDateTime(), nullable=True),
+    # ... and the next fire that will really happen: NULL unless enabled and scheduled.
+    # The due-timer index is on this column alone, so finding due timers never scans.
+    Column("due_at", UTCDateTime(), nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("fire_count", Integer(), nullable=False, default=0),
+    Column("last_fired_at", UTCDateTime(), nullable=True),
+    Column("arguments", JSONDoc, nullable=False),
+    Column("command_act_id", String(36), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("persona_id", "timer_name", name="uq_timers_persona_name"),
+    Index("ix_timers_due_at", "due_at"),
+    Index("ix_timers_state_last_fired", "state", "last_fired_at"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("external_event_id", String(36), nullable=False, unique=True),
+    Column("persona_id", String(NAME), nullable=False),
+    Column("timer_name", String(NAME), nullable=False),
+    Column("connector_idn", String(NAME), nullable=False),
+    Column("command_act_id", String(36), nullable=False),
+    Column("scheduled_at", UTCDateTime(), nullable=False),
+    Column("fired_at", UTCDateTime(), nullable=False),
+    Column("fire_count", Integer(), nullable=False),
+    Column("missed_count", Integer(), nullable=False),
+    # The event's `arguments`, all strings, exactly as delivered.
+    Column("arguments", JSONDoc, nullable=False),
+    # How many subscriptions the event was routed to when it fired (0 = unrouted).
+    Column("routed", Integer(), nullable=False),
+    Column("fired_by", String(64), nullable=False),
+    Index("ix_events_fired_at", "fired_at"),
+    Index("ix_events_unrouted", "routed", "fired_at"),
+)
+
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("subscription_id", String(NAME), primary_key=True),
+    Column("flow_instance_id", String(NAME), nullable=False),
+    Column("filter_connector_idn", String(NAME), nullable=True),
+    Column("filter_persona_id", String(NAME), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    # The daemon whose connection holds the subscription now (NULL: nobody is attached).
+    Column("attached_to", String(64), nullable=True),
+    Column("attached_at", UTCDateTime(), nullable=True),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column(
+        "subscription_id",
+        String(NAME),
+        ForeignKey("subscriptions.subscription_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("event_id", BigInteger(), ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Integer(), nullable=False, default=0),
+    # When the delivery may be (re)sent: now for a new one, sent + ack timeout once sent.
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=True),
+    Column("acked_at", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_deliveries_pending", "subscription_id", "acked_at", "id"),
+    Index("ix_deliveries_acked", "acked_at"),
+    Index("ix_deliveries_event", "event_id"),
+)
+
+command_acts = Table(
+    "command_acts",
+    metadata,
+    Column("command_act_id", String(36), primary_key=True),
+    Column("reply", JSONDoc, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_command_acts_created_at", "created_at"),
+)
+
+daemons = Table(
+    "daemons",
+    metadata,
+    Column("daemon_id", String(64), primary_key=True),
+    Column("hostname", String(NAME), nullable=False),
+    Column("pid", Integer(), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+)
