@@ -60,4 +60,6 @@ def configure(log_format: str = "auto", level: str = "info", stream: Any = None)
 
 
 def get_logger(**context: Any) -> Any:
-    return structlog.get_logger("program_timer").bind(**context)
+    """A lazy logger: it takes the configuration in force when it first logs, so module-level
+    loggers created before :func:`configure` still render as configured."""
+    return structlog.get_logger("program_timer", **context)
