@@ -85,9 +85,7 @@ def fire_and_store(
     return out, stored
 
 
-def run_until(
-    timer: Timer, clock: FakeClock, until: datetime
-) -> tuple[list[FireOutcome], Timer]:
+def run_until(timer: Timer, clock: FakeClock, until: datetime) -> tuple[list[FireOutcome], Timer]:
     """Drive a timer with a perfectly punctual firing loop up to ``until``."""
     fires: list[FireOutcome] = []
     while timer.due_at is not None and timer.due_at <= until:
