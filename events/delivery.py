@@ -228,10 +228,14 @@ class Dispatcher:
         now = self._now()
         resend_at = now + timedelta(seconds=self._ack_timeout)
 
-        def fetch(conn: Connection) -> dict[str, list[Any]]:
+        def fetch(conn: Connection) -> tuple[dict[str, list[Any]], set[str]]:
             found: dict[str, list[Any]] = {}
             marks = []
+            # A subscriber that re-attached through another daemon is that daemon's now.
+            moved = queries.attached_elsewhere(conn, list(wanted), self._daemon_id)
             for sid, capacity in wanted.items():
+                if sid in moved:
+                    continue
                 rows = queries.due_deliveries(conn, sid, now, capacity)
                 if rows:
                     found[sid] = rows
@@ -245,9 +249,16 @@ class Dispatcher:
                         for r in rows
                     )
             queries.mark_sent(conn, marks)
-            return found
+            return found, moved
 
-        found = await self._db(fetch)
+        found, moved = await self._db(fetch)
+        for sid in moved:
+            if self._attached.pop(sid, None) is not None:
+                log.info(
+                    "subscription re-attached elsewhere",
+                    action="subscription_moved",
+                    subscription=sid,
+                )
         deadline = time.monotonic() + self._ack_timeout
         for sid, rows in found.items():
             attachment = self._attached.get(sid)

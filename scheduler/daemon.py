@@ -48,6 +48,7 @@ from store import queries
 from store.db import SQLiteLock, make_engine, normalize_url, sqlite_path, transaction, upgrade
 from store.errors import Conflict, StoreError, StoreUnavailable
 from store.jobstore import TimerJobStore
+from store.notify import DELIVERIES, WAKEUP, Listener, notify
 
 log = get_logger()
 
@@ -175,6 +176,16 @@ class Daemon:
         self.scheduler.add_job(self._heartbeat, "interval", seconds=5, id="heartbeat")
         self.scheduler.start()
 
+        if self.kind == "postgresql":
+            # Several daemons may share the database: wake on each other's changes.
+            listener = Listener(
+                self.url,
+                self.daemon_id,
+                {WAKEUP: self.scheduler.wakeup, DELIVERIES: self.dispatcher.kick},
+            )
+            listener.start()
+            stack.callback(listener.stop)
+
         self.server = SocketServer(
             self._handle,
             path=settings.socket,
@@ -294,9 +305,17 @@ class Daemon:
             )
 
     def _heartbeat(self) -> None:
+        """Mark this daemon alive; forget daemons silent for a minute (their subscriptions
+        become free to re-attach anywhere)."""
         now = self.clock.now()
+        dead: list[str] = []
         with contextlib.suppress(StoreError), transaction(self.engine) as conn:
             queries.heartbeat(conn, self.daemon_id, now)
+            dead = queries.purge_dead_daemons(conn, now - timedelta(seconds=60))
+        if dead:
+            log.warning(
+                "daemons gone silent were forgotten", action="daemons_forgotten", daemons=dead
+            )
 
     # requests (on the event loop) ----------------------------------------------------------
 
@@ -327,6 +346,9 @@ class Daemon:
         self.metrics.record_commands(len(done), errors)
         if wake:
             self.scheduler.wakeup()
+            if self.kind == "postgresql":
+                with contextlib.suppress(StoreError), transaction(self.engine) as conn:
+                    notify(conn, WAKEUP, self.daemon_id)
 
     async def _handle(self, conn: ClientConnection, line: bytes) -> dict[str, Any]:
         rid: Any = None

@@ -289,6 +289,24 @@ def detach_daemon(conn: Connection, daemon_id: str) -> None:
     )
 
 
+def attached_elsewhere(
+    conn: Connection, subscription_ids: Sequence[str], daemon_id: str
+) -> set[str]:
+    """Those of the given subscriptions that are no longer attached to this daemon."""
+    if not subscription_ids:
+        return set()
+    here = {
+        r[0]
+        for r in conn.execute(
+            select(subscriptions.c.subscription_id).where(
+                subscriptions.c.subscription_id.in_(list(subscription_ids)),
+                subscriptions.c.attached_to == daemon_id,
+            )
+        )
+    }
+    return set(subscription_ids) - here
+
+
 def delete_subscription(conn: Connection, subscription_id: str) -> bool:
     conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
     return bool(
