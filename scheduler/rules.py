@@ -100,8 +100,27 @@ def _seconds(delta: timedelta) -> float:
 
 
 def _grid_index_at_or_after(anchor: datetime, interval: float, when: datetime, k_min: int) -> int:
-    k = math.ceil(_seconds(when - anchor) / interval - 1e-9)
-    return max(k, k_min)
+    """The least ``k >= k_min`` with ``_grid_time(k) >= when``.
+
+    The float estimate can be off by one (division rounding, grid times rounded to the
+    microsecond); it is settled on the datetimes themselves.
+    """
+    k = max(math.ceil(_seconds(when - anchor) / interval), k_min)
+    while k > k_min and _grid_time(anchor, interval, k - 1) >= when:
+        k -= 1
+    while _grid_time(anchor, interval, k) < when:
+        k += 1
+    return k
+
+
+def _grid_index_at_or_before(anchor: datetime, interval: float, when: datetime) -> int:
+    """The greatest ``k`` with ``_grid_time(k) <= when``, settled like the one above."""
+    k = math.floor(_seconds(when - anchor) / interval)
+    while _grid_time(anchor, interval, k + 1) <= when:
+        k += 1
+    while _grid_time(anchor, interval, k) > when:
+        k -= 1
+    return k
 
 
 def _grid_time(anchor: datetime, interval: float, k: int) -> datetime:
@@ -285,7 +304,7 @@ def fire(timer: Timer, now: datetime, misfire_grace: float | None) -> FireOutcom
 
     anchor, interval = timer.anchor_at, timer.interval
     k_due = round(_seconds(due - anchor) / interval)
-    k_now = max(k_due, math.floor(_seconds(now - anchor) / interval + 1e-9))
+    k_now = max(k_due, _grid_index_at_or_before(anchor, interval, now))
     next_at = _grid_time(anchor, interval, k_now + 1)
     occurrences = k_now - k_due + 1
     first_k = k_due
