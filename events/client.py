@@ -52,7 +52,7 @@ def default_socket() -> str:
 
 
 class TimerClient:
-    """One connection. Replies are matched by ``id``; pushed events are queued for :meth:`next_event`."""
+    """One connection. Replies are matched by ``id``; pushed events wait for :meth:`next_event`."""
 
     def __init__(self, path: str | None = None, timeout: float = 30.0) -> None:
         self.path = path or default_socket()

@@ -10,6 +10,7 @@ flow engine that never acks holds that many and no more).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -81,10 +82,8 @@ class Dispatcher:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         ids = list(self._attached)
         self._attached.clear()
         if ids:
@@ -98,10 +97,8 @@ class Dispatcher:
         loop = self._loop
         if loop is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed at shutdown
             loop.call_soon_threadsafe(self._wake.set)
-        except RuntimeError:  # loop closed at shutdown
-            pass
 
     @property
     def connected_subscribers(self) -> int:
@@ -199,10 +196,8 @@ class Dispatcher:
             deadlines = [d for a in self._attached.values() for d in a.inflight.values()]
             if deadlines:
                 timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self.pump()
@@ -230,7 +225,7 @@ class Dispatcher:
 
         def fetch(conn: Connection) -> tuple[dict[str, list[Any]], set[str]]:
             found: dict[str, list[Any]] = {}
-            marks = []
+            marks: list[dict[str, Any]] = []
             # A subscriber that re-attached through another daemon is that daemon's now.
             moved = queries.attached_elsewhere(conn, list(wanted), self._daemon_id)
             for sid, capacity in wanted.items():

@@ -6,6 +6,7 @@ Every client subcommand reaches the daemon through the same socket setting as ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any, NoReturn
@@ -125,7 +126,7 @@ def main(ctx: click.Context, config: str | None, socket_path: str | None) -> Non
     help="[env PROGRAM_TIMER_LOG_LEVEL]",
 )
 @click.pass_context
-def serve(ctx: click.Context, **flags: Any) -> None:
+def serve(ctx: click.Context, /, **flags: Any) -> None:
     """Run the daemon in the foreground (SQLite file in the current folder by default)."""
     from scheduler.daemon import serve as run
     from scheduler.logs import configure, get_logger
@@ -386,10 +387,8 @@ def events(
         pass
     finally:
         if temporary and stream.client is not None:
-            try:
+            with contextlib.suppress(ClientError, ConnectionLost, OSError):
                 stream.client.unsubscribe(stream.subscription_id)
-            except (ClientError, ConnectionLost, OSError):
-                pass
         stream.close()
 
 

@@ -1,4 +1,4 @@
-"""Time sources. The daemon reads the wall clock through a :class:`Clock` so tests can inject one."""
+"""Time sources: the daemon reads the wall clock through a :class:`Clock`; tests inject one."""
 
 from __future__ import annotations
 

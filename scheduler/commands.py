@@ -38,8 +38,8 @@ Key = tuple[str, str]
 
 @dataclass(frozen=True)
 class CommandSettings:
-    limits: rules.Limits = rules.Limits()
-    arguments: ArgumentLimits = ArgumentLimits()
+    limits: rules.Limits = field(default_factory=rules.Limits)
+    arguments: ArgumentLimits = field(default_factory=ArgumentLimits)
     max_timers_per_persona: int = 1000
     connectors: frozenset[str] | None = None
     list_limit_max: int = 1000
@@ -147,6 +147,7 @@ def apply_batch(
     """Apply commands in order inside the caller's transaction; one outcome per command."""
     batch = _Batch(conn, settings, now)
     parsed: list[tuple[CommandRequest, str, dict[str, str] | ProtocolError]] = []
+    args: dict[str, str] | ProtocolError
     keys: list[Key] = []
     personas: list[str] = []
     act_ids: list[str] = []

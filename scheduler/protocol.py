@@ -136,7 +136,7 @@ _MODELS: Final[dict[str, type[BaseModel]]] = {
     "status": StatusRequest,
     "ping": PingRequest,
 }
-_SCALAR: Final = TypeAdapter(Scalar)
+_SCALAR: Final[TypeAdapter[Any]] = TypeAdapter(Scalar)
 
 
 def _first_error(exc: ValidationError) -> tuple[str | None, str]:

@@ -65,9 +65,9 @@ class Listener:
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             if note.payload != self._daemon_id:
-                                handler = self._handlers.get(note.channel)
-                                if handler is not None:
-                                    handler()
+                                wake = self._handlers.get(note.channel)
+                                if wake is not None:
+                                    wake()
             except psycopg.Error as exc:
                 self.connected.clear()
                 log.debug("listener reconnecting", action="listener_retry", reason=str(exc))
