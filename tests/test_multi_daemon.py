@@ -75,7 +75,7 @@ def test_three_daemons_fire_each_timer_exactly_once(daemon_factory) -> None:  # 
         _pipeline_set(c, _burst(n, 2.0))
     wait_for(lambda: _fired_counts(ds[0].database_url)[0] == n, timeout=60, interval=0.5)
     time.sleep(1.0)
-    fired, per_timer, per_daemon = _fired_counts(ds[0].database_url)
+    _fired, per_timer, per_daemon = _fired_counts(ds[0].database_url)
     assert len(per_timer) == n and set(per_timer.values()) == {1}
     assert sum(per_daemon.values()) == n
     print("fires per daemon:", dict(per_daemon))
@@ -102,7 +102,7 @@ def test_sigkill_of_one_daemon_mid_burst_the_others_fire_the_rest(daemon_factory
 
 def test_command_on_a_wakes_b_in_time(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     a = _start(daemon_factory, "A", PROGRAM_TIMER_POLL_INTERVAL=60)
-    b = _start(daemon_factory, "B", PROGRAM_TIMER_POLL_INTERVAL=60)
+    _start(daemon_factory, "B", PROGRAM_TIMER_POLL_INTERVAL=60)
     with a.client() as c:
         c.command("set_timer", "multi", personaId="p", timerName="far", interval="3600")
         time.sleep(0.5)  # both daemons now sleep until the far timer or the 60 s poll

@@ -4,6 +4,7 @@ fires of a short one-shot and of a repeating timer observed in the store."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
@@ -129,7 +130,7 @@ def test_real_fires_observed_in_the_store(daemon: DaemonProcess) -> None:
             assert counts == sorted(counts) and counts[0] == 1
             assert len({e.external_event_id for e in rep}) == len(rep)
             scheduled = [e.scheduled_at for e in rep]
-            gaps = [(b - a).total_seconds() for a, b in zip(scheduled, scheduled[1:], strict=False)]
+            gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(scheduled)]
             assert all(abs(g - 1.0) < 1e-3 for g in gaps), gaps
     finally:
         engine.dispose()

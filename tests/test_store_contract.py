@@ -204,7 +204,7 @@ def test_purges(engine: Engine) -> None:
     clock.advance(8 * 86400)
     with transaction(engine) as conn:
         assert queries.purge_fired_timers(conn, clock.now() - timedelta(days=7)) == 1
-        acked, expired = queries.purge_deliveries_and_events(
+        _acked, expired = queries.purge_deliveries_and_events(
             conn, clock.now() - timedelta(hours=1), clock.now() - timedelta(days=7))
         assert expired == 1
         assert queries.purge_command_acts(conn, clock.now()) == 0
