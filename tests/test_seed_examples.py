@@ -129,8 +129,9 @@ def test_real_fires_observed_in_the_store(daemon: DaemonProcess) -> None:
             counts = [int(e.arguments["fireCount"]) for e in rep]
             assert counts == sorted(counts) and counts[0] == 1
             assert len({e.external_event_id for e in rep}) == len(rep)
-            scheduled = [e.scheduled_at for e in rep]
-            gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(scheduled)]
-            assert all(abs(g - 1.0) < 1e-3 for g in gaps), gaps
+            # each fire stands for 1 + missedCount occurrences of the 1 s grid
+            for a, b in itertools.pairwise(rep):
+                gap = (b.scheduled_at - a.scheduled_at).total_seconds()
+                assert abs(gap - (1 + a.missed_count)) < 1e-3, (gap, a.missed_count)
     finally:
         engine.dispose()
