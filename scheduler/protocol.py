@@ -7,6 +7,7 @@ One JSON object per line. Requests are validated by the pydantic models below in
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -162,7 +163,9 @@ def decode_line(line: bytes) -> tuple[Any, Request]:
         request's id attached as ``exc.request_id`` where one could be read.
     """
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_constant=_refuse_constant)
+        if b"\\u" in line and _has_lone_surrogate(obj):
+            raise ValueError("a \\u escape encodes half of a surrogate pair, which is not text")
     except RecursionError as exc:
         raise _with_id(
             ProtocolError("invalid_json", "the JSON is nested too deeply"), None
@@ -196,6 +199,24 @@ def decode_line(line: bytes) -> tuple[Any, Request]:
             ProtocolError("invalid_request", f"{loc}: {msg}" if loc else msg, loc), rid
         ) from exc
     return rid, request  # type: ignore[return-value]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _with_id(err: ProtocolError, rid: Any) -> ProtocolError:
@@ -234,6 +255,10 @@ def argument_string(key: str, value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolError(
+                "invalid_argument", f"{key}: expected a finite number, got {value!r}", key
+            )
         return format_interval(value) or repr(value)
     raise ProtocolError(
         "invalid_argument",

@@ -49,6 +49,9 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 2_000_000
+        timeout = int(usec)
     except ValueError:
         return None
+    # 0 (or nonsense below it) means no watchdog; a negative interval would make the
+    # daemon's watchdog loop spin.
+    return timeout / 2_000_000 if timeout > 0 else None

@@ -183,8 +183,46 @@ argument_values = st.one_of(
     st.none(),
     st.lists(st.integers(), max_size=2),
 )
-argument_dicts = st.dictionaries(
-    st.sampled_from(ARG_KEYS) | st.text(max_size=10), argument_values, max_size=10
+fire_at_texts = st.from_regex(
+    r"\A\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,7})?)?(Z|[+-]\d{2}:?\d{2})?\Z"
+) | st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+).map(lambda d: d.isoformat())
+interval_values = st.one_of(
+    st.integers(min_value=1, max_value=10**6),
+    st.floats(min_value=0.001, max_value=1e6),
+    st.floats(min_value=0.001, max_value=1e6).map(str),
+    st.sampled_from(["0", "-1", "0.5", "315360000", "315360001", "1e3"]),
+)
+
+
+# Mostly well-formed rule arguments, so that parsing often gets as far as apply_set, plus
+# random extra keys (including the event's own keys) that may override them.
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``valid`` nine times in ten, any argument value otherwise."""
+    return st.integers(min_value=0, max_value=9).flatmap(
+        lambda i: argument_values if i == 0 else valid
+    )
+
+
+argument_dicts = st.builds(
+    lambda extra, rule: {**extra, **rule},
+    st.one_of(
+        st.dictionaries(st.text(min_size=1, max_size=10), argument_text, max_size=3),
+        st.dictionaries(
+            st.sampled_from(ARG_KEYS) | st.text(max_size=10), argument_values, max_size=6
+        ),
+    ),
+    st.fixed_dictionaries(
+        {"personaId": mostly(st.just("p")), "timerName": mostly(st.just("t"))},
+        optional={
+            "fireAt": mostly(fire_at_texts),
+            "interval": mostly(interval_values),
+            "repeatable": mostly(st.booleans()),
+            "enabled": mostly(st.booleans()),
+            "timezone": mostly(st.sampled_from(["UTC", "Europe/Paris", "Asia/Kolkata"])),
+        },
+    ),
 )
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)

@@ -18,6 +18,8 @@ from scheduler.protocol import (
     ProtocolError,
     SubscribeRequest,
     decode_line,
+    encode,
+    ok_reply,
     parse_fire_at,
     parse_set_command,
     string_arguments,
@@ -429,33 +431,19 @@ def test_non_scalar_argument_values_are_refused(value: Any) -> None:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "protocol.argument_string passes non-finite floats (json.loads accepts NaN/Infinity) to "
-        "rules.format_interval, whose int(value) raises ValueError/OverflowError instead of "
-        "ProtocolError(invalid_argument)"
-    ),
-)
 def test_non_finite_number_arguments_are_refused(value: float) -> None:
     with pytest.raises(ProtocolError) as exc:
         string_arguments({"personaId": "p", "timerName": "t", "note": value}, LIMITS)
     assert exc.value.code == "invalid_argument"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request line with NaN in arguments decodes, then string_arguments raises ValueError",
-)
-def test_nan_in_request_line_arguments_is_an_argument_error() -> None:
-    _, req = decode_line(
-        b'{"op":"command","commandIdn":"set_timer","integrationIdn":"program_timer",'
-        b'"connectorIdn":"c","arguments":{"personaId":"p","timerName":"t","interval":NaN}}'
-    )
-    assert isinstance(req, CommandRequest)
+def test_nan_in_request_line_arguments_is_refused_as_invalid_json() -> None:
     with pytest.raises(ProtocolError) as exc:
-        string_arguments(req.arguments, LIMITS)
-    assert exc.value.code == "invalid_argument"
+        decode_line(
+            b'{"op":"command","commandIdn":"set_timer","integrationIdn":"program_timer",'
+            b'"connectorIdn":"c","arguments":{"personaId":"p","timerName":"t","interval":NaN}}'
+        )
+    assert exc.value.code == "invalid_json"
 
 
 def test_argument_count_and_length_limits() -> None:
@@ -545,3 +533,23 @@ def test_long_bad_value_is_shortened_in_message() -> None:
     assert err.field == "interval"
     assert len(err.message) < 250
     assert "..." in err.message
+
+
+# --- replies to what decode_line accepted must be encodable ---------------------------------
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_json_constants_are_invalid_json(constant: bytes) -> None:
+    err = decode_error(b'{"op":"ping","id":' + constant + b"}")
+    assert err.code == "invalid_json"
+
+
+def test_lone_surrogate_is_refused_or_reply_is_encodable() -> None:
+    raw = b'{"op":"ping","id":"\\ud800"}'
+    try:
+        rid, _ = decode_line(raw)
+    except ProtocolError as err:
+        assert err.code in {"invalid_json", "invalid_request"}
+        return
+    reply = encode(ok_reply(rid, {"pong": True}))
+    assert json.loads(reply)["id"] == rid
