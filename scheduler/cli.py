@@ -135,7 +135,10 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     settings = _settings(ctx.obj["config"], socket=ctx.obj["socket"], **flags)
     configure(settings.log_format, settings.log_level)
     try:
-        run(settings)
+        run(
+            settings,
+            reload=lambda: load_settings(ctx.obj["config"], socket=ctx.obj["socket"], **flags),
+        )
     except AlreadyRunning as exc:
         _fail(str(exc), 3)
     except StoreUnavailable as exc:

@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -54,8 +55,14 @@ log = get_logger()
 
 
 class Daemon:
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock | None = None,
+        reload: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
+        self._reload_settings = reload
         self.clock = clock or SystemClock()
         self.daemon_id = (
             settings.daemon_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -107,10 +114,20 @@ class Daemon:
         self._stop.set()
 
     def _reload(self) -> None:
+        """SIGHUP: read the configuration again and apply the log format and level (the
+        output is reopened). Other settings need a restart; a bad file keeps the old ones."""
+        from scheduler.config import ConfigError
         from scheduler.logs import configure
 
-        configure(self.settings.log_format, self.settings.log_level)
-        log.info("logging reopened", action="reloaded")
+        fmt, level = self.settings.log_format, self.settings.log_level
+        if self._reload_settings is not None:
+            try:
+                fresh = self._reload_settings()
+                fmt, level = fresh.log_format, fresh.log_level
+            except ConfigError as exc:
+                log.error("configuration not reloaded", action="reload_failed", reason=str(exc))
+        configure(fmt, level)
+        log.info("logging reconfigured", action="reloaded", log_format=fmt, log_level=level)
 
     async def _start(self, stack: contextlib.ExitStack) -> None:
         settings = self.settings
@@ -445,6 +462,6 @@ class Daemon:
         }
 
 
-def serve(settings: Settings) -> None:
-    """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    asyncio.run(Daemon(settings).run())
+def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP calls ``reload``."""
+    asyncio.run(Daemon(settings, reload=reload).run())
