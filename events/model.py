@@ -10,7 +10,12 @@ from scheduler.rules import Timer, format_interval
 
 
 def event_arguments(
-    timer: Timer, scheduled_at: datetime, fired_at: datetime, fire_count: int, missed: int
+    timer: Timer,
+    scheduled_at: datetime,
+    fired_at: datetime,
+    fire_count: int,
+    missed: int,
+    fired_at_iso: str | None = None,
 ) -> dict[str, str]:
     """The event's ``arguments``: the timer's extra arguments, then the ones the event sets.
 
@@ -21,7 +26,7 @@ def event_arguments(
     args["personaId"] = timer.persona_id
     args["timerName"] = timer.timer_name
     args["scheduledAt"] = utc_iso(scheduled_at) or ""
-    args["firedAt"] = utc_iso(fired_at) or ""
+    args["firedAt"] = fired_at_iso or utc_iso(fired_at) or ""
     args["fireCount"] = str(fire_count)
     args["missedCount"] = str(missed)
     args["repeatable"] = "true" if timer.repeatable else "false"

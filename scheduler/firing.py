@@ -13,6 +13,7 @@ from sqlalchemy import Connection
 from events.model import event_arguments
 from events.routing import Router
 from scheduler import rules
+from scheduler.clock import utc_iso
 from store import queries
 
 
@@ -40,21 +41,26 @@ def fire_batch(
     if not due:
         return result
     router = Router(queries.all_subscriptions(conn))
+    now_iso = utc_iso(now)
     timer_updates = []
+    completed: list[int] = []
     event_rows = []
     routes: list[list[str]] = []
     for timer in due:
         outcome = rules.fire(timer, now, misfire_grace)
-        timer_updates.append(
-            {
-                "_id": timer.id,
-                "planned_at": outcome.planned_at,
-                "due_at": outcome.due_at,
-                "state": outcome.state,
-                "fire_count": outcome.fire_count,
-                "last_fired_at": outcome.last_fired_at,
-            }
-        )
+        if outcome.fired and outcome.state == rules.FIRED and timer.id is not None:
+            completed.append(timer.id)  # the common one-shot case: one UPDATE for all
+        else:
+            timer_updates.append(
+                {
+                    "_id": timer.id,
+                    "planned_at": outcome.planned_at,
+                    "due_at": outcome.due_at,
+                    "state": outcome.state,
+                    "fire_count": outcome.fire_count,
+                    "last_fired_at": outcome.last_fired_at,
+                }
+            )
         result.dropped += outcome.dropped
         if not outcome.fired:
             continue
@@ -73,7 +79,12 @@ def fire_batch(
                 "fire_count": outcome.fire_count,
                 "missed_count": outcome.missed_count,
                 "arguments": event_arguments(
-                    timer, outcome.scheduled_at, now, outcome.fire_count, outcome.missed_count
+                    timer,
+                    outcome.scheduled_at,
+                    now,
+                    outcome.fire_count,
+                    outcome.missed_count,
+                    now_iso,
                 ),
                 "routed": len(subs),
                 "fired_by": daemon_id,
@@ -85,9 +96,13 @@ def fire_batch(
         result.fired_timers.append(
             (timer.persona_id, timer.timer_name, timer.connector_idn, external_id)
         )
+    queries.complete_one_shots(conn, completed, now)
     queries.update_fired(conn, timer_updates)
     if event_rows:
-        event_ids = queries.insert_events(conn, event_rows)
+        event_ids = queries.allocate_event_ids(conn, len(event_rows))
+        for row, event_id in zip(event_rows, event_ids, strict=True):
+            row["id"] = event_id
+        queries.insert_events(conn, event_rows)
         delivery_rows = [
             {
                 "subscription_id": sub,

@@ -15,6 +15,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     tuple_,
     update,
 )
@@ -207,6 +208,22 @@ def update_fired(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         conn.execute(_UPDATE_FIRED, list(rows))
 
 
+def complete_one_shots(conn: Connection, ids: Sequence[int], fired_at: datetime) -> None:
+    """Mark fired one-shot timers completed: one statement for the whole batch."""
+    if ids:
+        conn.execute(
+            update(timers)
+            .where(timers.c.id.in_(list(ids)))
+            .values(
+                planned_at=None,
+                due_at=None,
+                state="fired",
+                fire_count=timers.c.fire_count + 1,
+                last_fired_at=fired_at,
+            )
+        )
+
+
 def purge_fired_timers(conn: Connection, before: datetime) -> int:
     stmt = delete(timers).where(
         timers.c.state == "fired",
@@ -225,13 +242,30 @@ def timer_counts(conn: Connection) -> dict[str, int]:
 # --- events and deliveries ------------------------------------------------------------------
 
 
-def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
-    if not rows:
+def allocate_event_ids(conn: Connection, n: int) -> list[int]:
+    """Ids for ``n`` new events, so that they are inserted without ``RETURNING``.
+
+    PostgreSQL: from the table's sequence, in one round trip. SQLite: the transaction holds the
+    database's write lock (``BEGIN IMMEDIATE``), so the ids after the current maximum are ours.
+    """
+    if n <= 0:
         return []
-    result = conn.execute(
-        insert(events).returning(events.c.id, sort_by_parameter_order=True), list(rows)
-    )
-    return [r[0] for r in result]
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('events', 'id')) FROM generate_series(1, :n)"
+            ),
+            {"n": n},
+        )
+        return [r[0] for r in rows]
+    top = conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar() or 0
+    return list(range(top + 1, top + 1 + n))
+
+
+def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows carry their ``id`` (see :func:`allocate_event_ids`)."""
+    if rows:
+        conn.execute(insert(events), list(rows))
 
 
 def insert_deliveries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
