@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 from events.model import event_body, event_message
 from scheduler.logs import get_logger
 from store import queries
+from store.errors import StoreUnavailable
 
 log = get_logger()
 
@@ -203,6 +204,9 @@ class Dispatcher:
                 await self.pump()
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable:
+                # The outage is logged once, where it is detected; pumping resumes after it.
+                await asyncio.sleep(1.0)
             except Exception as exc:
                 log.warning("delivery pump failed", action="pump_failed", reason=str(exc))
                 await asyncio.sleep(0.5)

@@ -317,7 +317,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"up {result['uptimeSeconds']:.0f}s  database {result['database']}"
         f"{'' if result['databaseReachable'] else ' (UNREACHABLE)'}"
     )
-    click.echo("timers      " + "  ".join(f"{k} {v}" for k, v in result["timers"].items()))
+    if not result["databaseReachable"]:
+        click.echo("the database cannot be reached: figures stored there are not shown")
+    timers = result["timers"] or {}
+    click.echo("timers      " + "  ".join(f"{k} {v}" for k, v in timers.items()))
     click.echo(
         f"fires       total {result['fires']['total']}  dropped "
         f"{result['fires']['dropped']}  lateness p50 {lat['p50Ms']} ms  "
@@ -328,14 +331,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"deliveries  pending {d['pending']}  oldest {d['oldestPendingAgeSeconds']} s  "
         f"in flight {d['inflight']}"
     )
-    click.echo(
-        f"events      stored {result['events']['stored']}  unrouted {result['events']['unrouted']}"
-    )
+    events = result["events"] or {"stored": None, "unrouted": None}
+    click.echo(f"events      stored {events['stored']}  unrouted {events['unrouted']}")
     click.echo(
         f"subscribers connected {result['connectedSubscribers']} of "
         f"{result['subscriptions']} subscriptions; connections {result['connections']}"
     )
-    for daemon in result["daemons"]:
+    for daemon in result["daemons"] or []:
         click.echo(
             f"daemon      {daemon['daemonId']} on {daemon['hostname']} "
             f"heartbeat {daemon['heartbeatAt']}"

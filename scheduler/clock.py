@@ -38,4 +38,6 @@ def utc_iso(value: datetime | None) -> str | None:
     """ISO 8601 in UTC with a ``Z``, as every time on the wire is."""
     if value is None:
         return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat()[:-6] + "Z"  # an aware UTC isoformat() ends with "+00:00"

@@ -9,7 +9,6 @@ one.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,6 +17,7 @@ from sqlalchemy import Connection
 
 from scheduler import rules
 from scheduler.clock import utc_iso
+from scheduler.ids import uuid4_strings
 from scheduler.protocol import (
     COMMANDS,
     INTEGRATION,
@@ -34,6 +34,7 @@ from scheduler.protocol import (
 from store import queries
 
 Key = tuple[str, str]
+LIST_PAGE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,9 @@ def apply_batch(
     keys: list[Key] = []
     personas: list[str] = []
     act_ids: list[str] = []
+    fresh_ids = iter(uuid4_strings(sum(1 for r in requests if not r.commandActId)))
     for req in requests:
-        act_id = str(req.commandActId) if req.commandActId else str(uuid.uuid4())
+        act_id = str(req.commandActId) if req.commandActId else next(fresh_ids)
         try:
             check_envelope(req, settings)
             args = string_arguments(req.arguments, settings.arguments)
@@ -260,6 +262,13 @@ def _apply_one(batch: _Batch, req: CommandRequest, act_id: str, args: dict[str, 
         found_list = queries.list_timers(batch.conn, persona_id, after, limit + 1)
         more = len(found_list) > limit
         found_list = found_list[:limit]
+        # A page also stops at about LIST_PAGE_BYTES of reply (at least one timer).
+        size = 0
+        for i, timer in enumerate(found_list):
+            size += 512 + sum(len(k) + len(v) for k, v in timer.arguments.items())
+            if size > LIST_PAGE_BYTES and i > 0:
+                found_list, more = found_list[:i], True
+                break
         return Outcome(
             result={
                 "commandActId": act_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Connection
 
 from events.delivery import Dispatcher
-from scheduler import __version__, rules, systemd
+from scheduler import __version__, logs, rules, systemd
 from scheduler.clock import Clock, SystemClock, utc_iso
 from scheduler.commands import CommandSettings, Outcome
 from scheduler.config import Settings
@@ -78,6 +79,7 @@ class Daemon:
             arguments=ArgumentLimits(
                 max_arguments=settings.max_arguments,
                 max_argument_length=settings.max_argument_length,
+                max_arguments_size=settings.max_arguments_size,
                 default_timezone=settings.timezone,
             ),
             max_timers_per_persona=settings.max_timers_per_persona,
@@ -270,7 +272,9 @@ class Daemon:
             self.metrics.record_batch(result.fired, result.dropped, result.lateness)
             if result.fired:
                 self.dispatcher.kick()
-                for persona, name, connector, external_id in result.fired_timers:
+                for persona, name, connector, external_id in (
+                    result.fired_timers if logs.enabled(logging.DEBUG) else ()
+                ):
                     log.debug(
                         "timer fired",
                         action="timer_fired",
@@ -337,9 +341,17 @@ class Daemon:
     # requests (on the event loop) ----------------------------------------------------------
 
     def _commands_committed(self, done: list[tuple[CommandRequest, Outcome]]) -> None:
+        """After a command group committed (worker thread): log, count, wake the firing."""
         errors = 0
         wake = False
+        info, debug = logs.enabled(logging.INFO), logs.enabled(logging.DEBUG)
         for req, outcome in done:
+            if outcome.error is not None:
+                errors += 1
+            else:
+                wake = wake or outcome.changed_schedule
+            if not (debug or (info and outcome.error is not None)):
+                continue
             args = req.arguments
             ctx = {
                 "persona": args.get("personaId"),
@@ -348,18 +360,16 @@ class Daemon:
                 "command": req.commandIdn,
             }
             if outcome.error is not None:
-                errors += 1
                 log.info(
                     "command refused",
                     action="command_refused",
                     code=outcome.error.code,
                     field=outcome.error.field,
+                    reason=outcome.error.message,
                     **ctx,
                 )
-            else:
-                wake = wake or outcome.changed_schedule
-                if outcome.log:
-                    log.info("command applied", **ctx, **outcome.log)
+            elif outcome.log:
+                log.debug("command applied", **ctx, **outcome.log)
         self.metrics.record_commands(len(done), errors)
         if wake:
             self.scheduler.wakeup()
@@ -372,7 +382,7 @@ class Daemon:
         try:
             rid, request = decode_line(line)
             if isinstance(request, CommandRequest):
-                outcome = await asyncio.wrap_future(self.worker.command(request))
+                outcome = await self.worker.command_async(request)
                 if outcome.error is not None:
                     return error_reply(rid, outcome.error)
                 assert outcome.result is not None
@@ -421,15 +431,17 @@ class Daemon:
             live = queries.live_daemons(conn, now - timedelta(seconds=30))
             return {"counts": counts, "figures": figures, "daemons": live}
 
-        data = await asyncio.wrap_future(self.worker.call(read))
-        figures = data["figures"]
-        oldest = figures["oldest_pending_at"]
-        return {
+        try:
+            data: dict[str, Any] | None = await asyncio.wrap_future(self.worker.call(read))
+        except StoreUnavailable:
+            data = None  # still answer: this is what an operator looks at during an outage
+        result: dict[str, Any] = {
             "version": __version__,
             "daemonId": self.daemon_id,
             "uptimeSeconds": round(time.monotonic() - self.started, 3),
             "database": self.kind,
-            "timers": {state: data["counts"].get(state, 0) for state in rules.STATES},
+            "databaseReachable": data is not None and self.worker.available,
+            "timers": None,
             "fires": {
                 "total": self.metrics.fires,
                 "dropped": self.metrics.dropped,
@@ -437,29 +449,39 @@ class Daemon:
                 "lateness": self.metrics.lateness(),
             },
             "commands": {"total": self.metrics.commands, "errors": self.metrics.command_errors},
-            "events": {"stored": figures["events"], "unrouted": figures["unrouted_events"]},
+            "events": None,
             "deliveries": {
-                "pending": figures["pending"],
-                "oldestPendingAgeSeconds": (
-                    round((now - oldest).total_seconds(), 3) if oldest else None
-                ),
+                "pending": None,
+                "oldestPendingAgeSeconds": None,
                 "inflight": self.dispatcher.inflight,
             },
-            "subscriptions": figures["subscriptions"],
+            "subscriptions": None,
             "connectedSubscribers": self.dispatcher.connected_subscribers,
             "connections": len(self.server.connections),
-            "daemons": [
-                {
-                    "daemonId": d.daemon_id,
-                    "hostname": d.hostname,
-                    "pid": d.pid,
-                    "startedAt": utc_iso(d.started_at),
-                    "heartbeatAt": utc_iso(d.heartbeat_at),
-                }
-                for d in data["daemons"]
-            ],
-            "databaseReachable": self.worker.available,
+            "daemons": None,
         }
+        if data is None:
+            return result
+        figures = data["figures"]
+        oldest = figures["oldest_pending_at"]
+        result["timers"] = {state: data["counts"].get(state, 0) for state in rules.STATES}
+        result["events"] = {"stored": figures["events"], "unrouted": figures["unrouted_events"]}
+        result["deliveries"]["pending"] = figures["pending"]
+        result["deliveries"]["oldestPendingAgeSeconds"] = (
+            round((now - oldest).total_seconds(), 3) if oldest else None
+        )
+        result["subscriptions"] = figures["subscriptions"]
+        result["daemons"] = [
+            {
+                "daemonId": d.daemon_id,
+                "hostname": d.hostname,
+                "pid": d.pid,
+                "startedAt": utc_iso(d.started_at),
+                "heartbeatAt": utc_iso(d.heartbeat_at),
+            }
+            for d in data["daemons"]
+        ]
+        return result
 
 
 def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:

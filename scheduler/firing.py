@@ -4,7 +4,6 @@ routes it to the matching subscriptions as delivery rows, and advances or comple
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -14,6 +13,7 @@ from events.model import event_arguments
 from events.routing import Router
 from scheduler import rules
 from scheduler.clock import utc_iso
+from scheduler.ids import uuid4_strings
 from store import queries
 
 
@@ -42,6 +42,7 @@ def fire_batch(
         return result
     router = Router(queries.all_subscriptions(conn))
     now_iso = utc_iso(now)
+    external_ids = iter(uuid4_strings(len(due)))
     timer_updates = []
     completed: list[int] = []
     event_rows = []
@@ -64,7 +65,7 @@ def fire_batch(
         result.dropped += outcome.dropped
         if not outcome.fired:
             continue
-        external_id = str(uuid.uuid4())
+        external_id = next(external_ids)
         subs = router.match(timer.connector_idn, timer.persona_id) if router else []
         routes.append(subs)
         event_rows.append(

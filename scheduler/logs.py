@@ -16,7 +16,17 @@ _LEVELS = {
 }
 
 
+_level = logging.INFO
+
+
+def enabled(level: int) -> bool:
+    """Whether a line at ``level`` would be written: hot paths check before building one."""
+    return level >= _level
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: Any = None) -> None:
+    global _level
+    _level = _LEVELS[level]
     stream = stream or sys.stderr
     json_lines = log_format == "json" or (log_format == "auto" and not stream.isatty())
     renderer: Any = (

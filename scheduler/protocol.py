@@ -163,8 +163,9 @@ def decode_line(line: bytes) -> tuple[Any, Request]:
         request's id attached as ``exc.request_id`` where one could be read.
     """
     try:
-        obj = json.loads(line, parse_constant=_refuse_constant)
-        if b"\\u" in line and _has_lone_surrogate(obj):
+        text = line.decode("utf-8")  # strict: no surrogates, no UTF-16/32 guessing
+        obj = json.loads(text, parse_constant=_refuse_constant)
+        if "\\u" in text and _has_lone_surrogate(obj):
             raise ValueError("a \\u escape encodes half of a surrogate pair, which is not text")
     except RecursionError as exc:
         raise _with_id(
@@ -181,7 +182,7 @@ def decode_line(line: bytes) -> tuple[Any, Request]:
     if not isinstance(op, str) or op not in _MODELS:
         raise _with_id(
             ProtocolError(
-                "unknown_op", f"unknown op {op!r}; expected one of {', '.join(OPS)}", "op"
+                "unknown_op", f"unknown op {_shorten(op)}; expected one of {', '.join(OPS)}", "op"
             ),
             rid,
         )
@@ -195,10 +196,17 @@ def decode_line(line: bytes) -> tuple[Any, Request]:
         request = _MODELS[op].model_validate(obj)
     except ValidationError as exc:
         loc, msg = _first_error(exc)
+        loc = None if loc is None else _shorten(loc, quote=False)
         raise _with_id(
             ProtocolError("invalid_request", f"{loc}: {msg}" if loc else msg, loc), rid
         ) from exc
     return rid, request  # type: ignore[return-value]
+
+
+def _shorten(value: Any, quote: bool = True, limit: int = 80) -> str:
+    """A value for an error message: a hostile client's megabyte is not echoed back."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _refuse_constant(name: str) -> Any:
@@ -337,6 +345,7 @@ class ArgumentLimits(BaseModel):
     model_config = ConfigDict(frozen=True)
     max_arguments: int = 64
     max_argument_length: int = 65536
+    max_arguments_size: int = 65536
     default_timezone: str = "UTC"
 
 
@@ -357,17 +366,32 @@ def string_arguments(raw: dict[str, Any], limits: ArgumentLimits) -> dict[str, s
             "arguments",
         )
     out: dict[str, str] = {}
+    total = 0
     for key, value in raw.items():
-        if not key or len(key) > 255:
+        if not key or len(key) > 255 or "\x00" in key:
             raise ProtocolError(
-                "invalid_argument", "argument names are 1 to 255 characters", "arguments"
+                "invalid_argument",
+                "argument names are 1 to 255 characters, without NUL",
+                "arguments",
             )
         text = argument_string(key, value)
+        if "\x00" in text:
+            raise ProtocolError(
+                "invalid_argument", f"{key}: NUL characters are not accepted", key
+            )
         if len(text) > limits.max_argument_length:
             raise ProtocolError(
                 "invalid_argument",
                 f"{key}: {len(text)} characters, at most {limits.max_argument_length}",
                 key,
+            )
+        total += len(key) + len(text)
+        if total > limits.max_arguments_size:
+            raise ProtocolError(
+                "invalid_argument",
+                f"arguments: more than {limits.max_arguments_size} characters in all "
+                "(PROGRAM_TIMER_MAX_ARGUMENTS_SIZE)",
+                "arguments",
             )
         out[key] = text
     return out

@@ -1,8 +1,13 @@
 """The Unix-socket server: frames lines, dispatches requests, writes replies in request order.
 
-Each connection has a reader (parses and dispatches lines, at most ``max_pipeline`` unanswered
-at once) and a writer (awaits each reply in turn and writes it). A client that stops reading
-fills its own pipeline and is no longer read: nobody else is affected and memory stays bounded.
+Each connection has a reader (frames lines, dispatches them) and a writer (awaits each reply in
+turn and writes it). Between them sits a bounded pipeline: at most ``max_pipeline`` unanswered
+requests and about :data:`PIPELINE_BYTES` of request and reply bytes. A client that stops reading
+fills its own pipeline and is no longer read; nobody else is affected and its memory stays bounded
+(the stream buffer, one partial line, the pipeline, the transport's write buffer). A request line
+that is started but not finished within :data:`LINE_TIMEOUT` seconds gets an error and the
+connection is dropped (slow clients cannot pin a partial line forever); an idle connection with
+no partial line is never timed out (subscribers wait for events).
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import socket
 import stat
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from scheduler.logs import get_logger
 from scheduler.protocol import MAX_LINE, ProtocolError, encode, error_reply
@@ -23,6 +30,19 @@ from scheduler.protocol import MAX_LINE, ProtocolError, encode, error_reply
 log = get_logger()
 
 Handler = Callable[["ClientConnection", bytes], Awaitable[dict[str, Any]]]
+
+READ_CHUNK: Final = 64 * 1024
+"""Bytes read from a connection at a time; the stream pauses the socket at twice this."""
+PIPELINE_BYTES: Final = 2 * 1024 * 1024
+INITIAL_REPLY_ESTIMATE: Final = PIPELINE_BYTES // 16
+MIN_REPLY_ESTIMATE: Final = 256
+"""Unanswered request bytes plus unwritten reply bytes a connection may hold (beyond one)."""
+LINE_TIMEOUT: Final = 60.0
+"""Seconds a started request line may take to be finished before the connection is dropped."""
+DROP_GRACE: Final = 5.0
+"""Seconds to flush the last error to a dropped client before aborting its connection."""
+FD_RESERVE: Final = 256
+"""File descriptors kept beyond ``max_connections`` (database, logs, listening socket)."""
 
 
 class ClientConnection:
@@ -40,7 +60,21 @@ class ClientConnection:
         self.number = number
         self.closed = False
         self.pid, self.uid, self.gid = peer_credentials(writer)
-        self._replies: asyncio.Queue[Awaitable[dict[str, Any]] | None] = asyncio.Queue(max_pipeline)
+        self.max_pipeline = max_pipeline
+        # The pipeline: reply futures in request order, and the bytes they hold.
+        self.pending: deque[asyncio.Future[bytes]] = deque()
+        self.pending_bytes = 0
+        # Requests whose reply is not computed yet hold no bytes, but will: each is counted
+        # at an estimate of the reply size that starts high (a new connection has 16 requests
+        # in flight) and follows the replies seen: it jumps to a large one at once and decays
+        # towards small ones, so a client pipelining thousands of small requests with
+        # megabyte replies is admitted a few at a time, and one sending small commands soon
+        # has its whole pipeline.
+        self.unanswered = 0
+        self.reply_estimate = INITIAL_REPLY_ESTIMATE
+        self.reading_done = False
+        self.room = asyncio.Event()  # set by the writer when it frees pipeline space
+        self.work = asyncio.Event()  # set by the reader when it adds to the pipeline
 
     def push(self, message: dict[str, Any]) -> None:
         if not self.closed:
@@ -51,6 +85,20 @@ class ClientConnection:
             self.closed = True
             with contextlib.suppress(Exception):
                 self.writer.close()
+        self.room.set()
+        self.work.set()
+
+    def abort(self) -> None:
+        """Close now, dropping whatever the client did not read."""
+        self.close()
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+
+    def full(self) -> bool:
+        if not self.pending:
+            return False
+        expected = self.pending_bytes + self.unanswered * self.reply_estimate
+        return len(self.pending) >= self.max_pipeline or expected >= PIPELINE_BYTES
 
 
 def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
@@ -61,6 +109,64 @@ def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
         return pid, uid, gid
     except (OSError, AttributeError):
         return -1, -1, -1
+
+
+def raise_fd_limit(wanted: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit so ``wanted`` descriptors fit.
+
+    systemd and most shells start services with a soft limit of 1024, below what
+    ``max_connections`` (default 1024) plus the daemon's own files needs. Returns (soft, hard).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        if new > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            except (ValueError, OSError) as exc:
+                log.warning(
+                    "cannot raise the file descriptor limit",
+                    action="fd_limit",
+                    soft=soft,
+                    hard=hard,
+                    wanted=wanted,
+                    error=str(exc),
+                )
+                return soft, hard
+            log.info(
+                "raised the file descriptor limit",
+                action="fd_limit_raised",
+                old=soft,
+                soft=new,
+                hard=hard,
+            )
+            soft = new
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "the file descriptor limit is below what max_connections needs",
+            action="fd_limit_low",
+            soft=soft,
+            hard=hard,
+            wanted=wanted,
+        )
+    return soft, hard
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    """The reply's line; an internal error (same id if possible) when it cannot be encoded."""
+    try:
+        return encode(reply)
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError: a lone surrogate from "\ud800"
+        log.warning("a reply could not be encoded", action="reply_unencodable", error=str(exc))
+        err = ProtocolError(
+            "internal",
+            "the reply could not be encoded as UTF-8 JSON (does the request hold a lone "
+            "surrogate escape such as \\ud800?)",
+        )
+        try:
+            return encode(error_reply(reply.get("id"), err))
+        except (ValueError, TypeError):
+            return encode(error_reply(None, err))
 
 
 class SocketServer:
@@ -75,6 +181,7 @@ class SocketServer:
         max_connections: int,
         max_pipeline: int,
         on_disconnect: Callable[[ClientConnection], Awaitable[None]],
+        line_timeout: float = LINE_TIMEOUT,
     ) -> None:
         self._handler = handler
         self.path = path
@@ -84,6 +191,7 @@ class SocketServer:
         self._max_connections = max_connections
         self._max_pipeline = max_pipeline
         self._on_disconnect = on_disconnect
+        self._line_timeout = line_timeout
         self._server: asyncio.AbstractServer | None = None
         self._owns_path = False
         self.connections: set[ClientConnection] = set()
@@ -91,10 +199,11 @@ class SocketServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, inherited: socket.socket | None = None) -> None:
+        raise_fd_limit(self._max_connections + FD_RESERVE)
         if inherited is not None:
             inherited.setblocking(False)
             self._server = await asyncio.start_unix_server(
-                self._client, sock=inherited, limit=MAX_LINE + 1
+                self._client, sock=inherited, limit=READ_CHUNK
             )
             log.info("listening on the socket systemd passed", action="listening", activated=True)
             return
@@ -102,7 +211,7 @@ class SocketServer:
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
-                self._client, path=self.path, limit=MAX_LINE + 1
+                self._client, path=self.path, limit=READ_CHUNK
             )
         finally:
             os.umask(old_umask)
@@ -123,6 +232,8 @@ class SocketServer:
             conn.close()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace)
+        for conn in list(self.connections):
+            conn.abort()  # clients that do not read their last replies
 
     def _allowed(self, conn: ClientConnection) -> bool:
         if self._allowed_uids is None and self._allowed_gids is None:
@@ -150,19 +261,31 @@ class SocketServer:
                 return
             if len(self.connections) >= self._max_connections:
                 log.warning(
-                    "too many connections", action="connection_refused", limit=self._max_connections
+                    "too many connections",
+                    action="connection_refused",
+                    limit=self._max_connections,
+                    peer_uid=conn.uid,
+                    peer_pid=conn.pid,
                 )
                 await self._refuse(conn, "unavailable", "too many connections; retry later")
                 return
             self.connections.add(conn)
             writer_task = asyncio.create_task(self._write_loop(conn))
+            dropped = False
             try:
-                await self._read_loop(conn)
+                dropped = await self._read_loop(conn)
             finally:
-                await conn._replies.put(None)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer_task, 5.0)
-                writer_task.cancel()
+                conn.reading_done = True
+                conn.work.set()
+                if dropped:
+                    # Flush the error that says why, but do not wait on a client that does
+                    # not read.
+                    done, _ = await asyncio.wait({writer_task}, timeout=DROP_GRACE)
+                    if not done:
+                        conn.abort()
+                # Otherwise the client closed its sending side: its replies are still written
+                # (as long as it reads them; its leaving ends the writer).
+                await writer_task
         except Exception:
             log.exception("connection failed", action="connection_failed")
         finally:
@@ -177,54 +300,130 @@ class SocketServer:
             await asyncio.wait_for(conn.writer.drain(), 1.0)
         conn.close()
 
-    async def _read_loop(self, conn: ClientConnection) -> None:
+    async def _read_loop(self, conn: ClientConnection) -> bool:
+        """Frame and dispatch lines until EOF; True when the client is dropped for a bad line."""
         reader = conn.reader
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        deadline = 0.0  # when the partial line in buf must be finished
         while not conn.closed:
             try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
-                return  # EOF; a half-written last line is dropped
-            except asyncio.LimitOverrunError:
-                await conn._replies.put(
-                    _ready(
-                        error_reply(
-                            None,
-                            ProtocolError(
-                                "too_large", f"a request line may be at most {MAX_LINE} bytes"
-                            ),
-                        )
-                    )
+                if buf:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise TimeoutError
+                    chunk = await asyncio.wait_for(reader.read(READ_CHUNK), left)
+                else:
+                    chunk = await reader.read(READ_CHUNK)
+            except TimeoutError:
+                log.warning(
+                    "dropping a client that did not finish its request line",
+                    action="slow_client_dropped",
+                    connection=conn.number,
+                    peer_uid=conn.uid,
+                    peer_pid=conn.pid,
+                    partial_bytes=len(buf),
                 )
-                return
+                self._dispatch_error(
+                    conn,
+                    "invalid_request",
+                    f"a request line must be finished within {self._line_timeout:g} s; closing",
+                )
+                return True
             except (ConnectionError, OSError):
-                return
-            if not line.strip():
-                continue
-            await conn._replies.put(asyncio.ensure_future(self._handler(conn, line)))
+                return False
+            if not chunk:
+                return False  # EOF; a half-written last line is dropped
+            if not buf:
+                deadline = loop.time() + self._line_timeout
+            scan = len(buf)
+            buf += chunk
+            start = 0
+            while (end := buf.find(b"\n", scan)) >= 0:
+                if end - start > MAX_LINE:
+                    return await self._too_large(conn)
+                line = bytes(buf[start : end + 1])
+                start = scan = end + 1
+                if line.strip() and not await self._dispatch(conn, line):
+                    return False
+            if start:
+                del buf[:start]
+                deadline = loop.time() + self._line_timeout  # a new line starts now
+            if len(buf) > MAX_LINE:
+                return await self._too_large(conn)
+        return False
+
+    async def _too_large(self, conn: ClientConnection) -> bool:
+        log.info("request line too long", action="line_too_large", connection=conn.number)
+        self._dispatch_error(conn, "too_large", f"a request line may be at most {MAX_LINE} bytes")
+        return True
+
+    async def _wait_for_room(self, conn: ClientConnection) -> bool:
+        while conn.full():
+            if conn.closed:
+                return False
+            conn.room.clear()
+            await conn.room.wait()
+        return not conn.closed
+
+    async def _dispatch(self, conn: ClientConnection, line: bytes) -> bool:
+        if not await self._wait_for_room(conn):
+            return False
+        conn.pending_bytes += len(line)
+        conn.unanswered += 1
+        conn.pending.append(asyncio.ensure_future(self._answer(conn, line)))
+        conn.work.set()
+        return True
+
+    def _dispatch_error(self, conn: ClientConnection, code: str, message: str) -> None:
+        """Queue the last reply of a dropped client (beyond the pipeline's bounds: one line)."""
+        if conn.closed:
+            return
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        data = encode(error_reply(None, ProtocolError(code, message)))
+        fut.set_result(data)
+        conn.pending_bytes += len(data)
+        conn.pending.append(fut)
+        conn.work.set()
+
+    async def _answer(self, conn: ClientConnection, line: bytes) -> bytes:
+        try:
+            reply = await self._handler(conn, line)
+        except Exception:
+            log.exception("request failed", action="request_failed")
+            reply = error_reply(None, ProtocolError("internal", "internal error; see the log"))
+        finally:
+            conn.unanswered -= 1
+        data = encode_reply(reply)
+        conn.pending_bytes += len(data) - len(line)
+        conn.reply_estimate = max(len(data), MIN_REPLY_ESTIMATE, conn.reply_estimate * 15 // 16)
+        return data
 
     async def _write_loop(self, conn: ClientConnection) -> None:
         writer = conn.writer
         try:
-            while True:
-                item = await conn._replies.get()
-                if item is None:
-                    break
-                reply = await item
-                if conn.closed:
+            while not conn.closed:
+                if not conn.pending:
+                    if conn.reading_done:
+                        await writer.drain()
+                        break
+                    conn.work.clear()
+                    await conn.work.wait()
                     continue
-                writer.write(encode(reply))
-                if conn._replies.empty() or writer.transport.get_write_buffer_size() > 65536:
+                data = await conn.pending[0]
+                conn.pending.popleft()
+                conn.pending_bytes -= len(data)
+                conn.room.set()
+                if conn.closed:
+                    break
+                writer.write(data)
+                if not conn.pending or writer.transport.get_write_buffer_size() > READ_CHUNK:
                     await writer.drain()
-            if not conn.closed:
-                await writer.drain()
         except (ConnectionError, OSError):
+            pass
+        finally:
+            # The client is gone or done: stop its reader too (it may wait for room).
             conn.close()
-
-
-def _ready(value: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-    fut.set_result(value)
-    return fut
 
 
 def claim_socket_path(path: str) -> None:

@@ -8,6 +8,8 @@ transaction of its own. Results come back as :class:`concurrent.futures.Future`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from scheduler.clock import Clock
 from scheduler.commands import CommandSettings, Outcome, apply_batch
 from scheduler.logs import get_logger
 from scheduler.protocol import CommandRequest, ProtocolError
-from store.db import transaction
+from store.db import health, read_modify_write, transaction
 from store.errors import Conflict, StoreUnavailable
 
 log = get_logger()
@@ -30,7 +32,8 @@ log = get_logger()
 @dataclass(slots=True)
 class _Command:
     request: CommandRequest
-    future: Future[Outcome]
+    future: Future[Outcome] | asyncio.Future[Outcome]
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 @dataclass(slots=True)
@@ -53,13 +56,19 @@ class StoreWorker:
         on_committed: Callable[[list[tuple[CommandRequest, Outcome]]], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._command_engine = read_modify_write(engine)
         self._settings = settings
         self._clock = clock
         self._max_batch = max_batch
         self._on_committed = on_committed
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="store-worker", daemon=True)
-        self.available = True
+        self._health = health(engine)
+
+    @property
+    def available(self) -> bool:
+        """Whether the database answered last time (here or in the job store)."""
+        return self._health.available
 
     def start(self) -> None:
         self._thread.start()
@@ -71,6 +80,14 @@ class StoreWorker:
     def command(self, request: CommandRequest) -> Future[Outcome]:
         fut: Future[Outcome] = Future()
         self._queue.put(_Command(request, fut))
+        return fut
+
+    def command_async(self, request: CommandRequest) -> asyncio.Future[Outcome]:
+        """Like :meth:`command`, for the event loop: the outcomes of a whole group are handed
+        to the loop in one wake-up, not one per command."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
+        self._queue.put(_Command(request, fut, loop))
         return fut
 
     def call(self, fn: Callable[[Connection], Any]) -> Future[Any]:
@@ -118,7 +135,7 @@ class StoreWorker:
         requests = [c.request for c in group]
         for attempt in range(3):
             try:
-                with transaction(self._engine) as conn:
+                with transaction(self._command_engine) as conn:
                     outcomes = apply_batch(conn, requests, self._settings, self._clock.now())
                 self._mark_available(True)
                 break
@@ -144,17 +161,30 @@ class StoreWorker:
                 log.exception("command failed", action="command_failed")
                 outcomes = [_error("internal", "internal error; see the daemon's log")]
                 break
-        for cmd, outcome in zip(group, outcomes, strict=True):
-            cmd.future.set_result(outcome)
+        _resolve(group, outcomes)
         if self._on_committed is not None:
             self._on_committed(list(zip(requests, outcomes, strict=True)))
 
     def _mark_available(self, ok: bool, reason: str = "") -> None:
-        if ok and not self.available:
-            log.info("database reachable again", action="database_back")
-        elif not ok and self.available:
-            log.error("database unreachable", action="database_down", reason=reason)
-        self.available = ok
+        self._health.report(ok, reason)  # logs database_down / database_back once each
+
+
+def _resolve(group: list[_Command], outcomes: list[Outcome]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]] = {}
+    for cmd, outcome in zip(group, outcomes, strict=True):
+        if cmd.loop is None:
+            cmd.future.set_result(outcome)
+        else:
+            by_loop.setdefault(cmd.loop, []).append((cmd.future, outcome))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+            loop.call_soon_threadsafe(_set_all, pairs)
+
+
+def _set_all(pairs: list[tuple[Any, Outcome]]) -> None:
+    for fut, outcome in pairs:
+        if not fut.done():
+            fut.set_result(outcome)
 
 
 def _error(code: str, message: str) -> Outcome:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,12 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
+from scheduler.logs import get_logger
 from store.errors import AlreadyRunning, Conflict, StoreUnavailable
 
 MIGRATIONS = str(Path(__file__).parent / "migrations")
+
+log = get_logger()
 
 
 def normalize_url(url: str) -> URL:
@@ -94,6 +99,25 @@ def make_engine(url: str, *, pool_size: int = 4) -> Engine:
     raise ValueError(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
 
 
+def read_modify_write(engine: Engine) -> Engine:
+    """The engine for transactions that read rows and write them back (the commands).
+
+    On PostgreSQL they run at REPEATABLE READ: a row that a fire pass (or another daemon)
+    changed after the transaction read it cannot be overwritten with the stale copy; the write
+    fails with a serialization error instead (a :class:`Conflict`, which the caller retries on
+    fresh data). At READ COMMITTED the stale copy would win: the fire count goes back, and an
+    occurrence that just fired becomes due again and fires twice. SQLite needs nothing: every
+    transaction is ``BEGIN IMMEDIATE``, so writers never overlap.
+    """
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="REPEATABLE READ")
+    return engine
+
+
+# SQLSTATEs of a transaction that lost a race and may simply be retried.
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     """Turn driver errors into the store's own (the rest of the code sees no driver error)."""
@@ -103,6 +127,8 @@ def translate_errors() -> Iterator[None]:
         raise Conflict(str(exc.orig)) from exc
     except sa_exc.DBAPIError as exc:
         text_ = str(exc.orig) if exc.orig is not None else str(exc)
+        if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+            raise Conflict(_first_line(text_)) from exc
         if exc.connection_invalidated or isinstance(
             exc, sa_exc.OperationalError | sa_exc.InterfaceError
         ):
@@ -179,3 +205,39 @@ class SQLiteLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class Health:
+    """Whether the database answered the last time anyone of the daemon asked.
+
+    Every part that reaches the database (the store worker, the job store) reports here, so an
+    outage is logged once, when it starts (``database_down``), and once when it ends
+    (``database_back``), however many requests and polls fail in between.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.available = True
+
+    def report(self, ok: bool, reason: str = "") -> None:
+        with self._lock:
+            if ok == self.available:
+                return
+            self.available = ok
+        if ok:
+            log.info("database reachable again", action="database_back")
+        else:
+            log.error("database unreachable", action="database_down", reason=reason)
+
+
+_HEALTH: weakref.WeakKeyDictionary[Engine, Health] = weakref.WeakKeyDictionary()
+_HEALTH_LOCK = threading.Lock()
+
+
+def health(engine: Engine) -> Health:
+    """The one :class:`Health` of this engine's database."""
+    with _HEALTH_LOCK:
+        found = _HEALTH.get(engine)
+        if found is None:
+            found = _HEALTH[engine] = Health()
+        return found

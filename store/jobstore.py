@@ -16,13 +16,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    JobEvent,
+)
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, JobLookupError
 from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Engine
 
 from store import queries
-from store.db import transaction
+from store.db import health, transaction
 from store.errors import StoreError
 
 FIRE_JOB_ID = "program-timer:fire-due"
@@ -49,6 +56,22 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         self._poll = timedelta(seconds=poll_interval)
         self._now = now
         self._busy = threading.Event()
+        self._health = health(engine)
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        # The pass is over for the scheduler only once its executor has counted the instance
+        # finished: that is when it dispatches these events (after the count drops).
+        scheduler.add_listener(
+            self._fire_job_ended,
+            EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES,
+        )
+
+    def shutdown(self) -> None:
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            scheduler.remove_listener(self._fire_job_ended)
+        super().shutdown()
 
     # What the scheduler asks -------------------------------------------------------------
 
@@ -62,18 +85,26 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         try:
             with transaction(self._engine) as conn:
                 due = queries.next_due_at(conn)
-        except StoreError:
+        except StoreError as exc:
+            self._health.report(False, str(exc))
             return now + self._retry
+        self._health.report(True)
         horizon = now + self._poll
         return horizon if due is None or due > horizon else due
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
-        """The fire job when a timer is due at ``now``. Raises StoreError if the database is
-        unreachable (the scheduler then retries after its ``jobstore_retry_interval``)."""
+        """The fire job when a timer is due at ``now``. When the database is unreachable:
+        nothing, and :meth:`get_next_run_time` (asked right after) says "retry soon". (Raising
+        would make the scheduler log a warning at every retry, once a second for the whole
+        outage; the outage is logged once, through :func:`store.db.health`.)"""
         if self._busy.is_set():
             return []
-        with transaction(self._engine) as conn:
-            due = queries.next_due_at(conn)
+        try:
+            with transaction(self._engine) as conn:
+                due = queries.next_due_at(conn)
+        except StoreError as exc:
+            self._health.report(False, str(exc))
+            return []
         if due is None or due > now:
             return []
         self._busy.set()
@@ -103,7 +134,7 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
     # The fire job -----------------------------------------------------------------------
 
     def _fire_job(self, due: datetime) -> Job:
-        return Job(
+        job = Job(
             self._scheduler,
             id=FIRE_JOB_ID,
             func=self._run_fire_pass,
@@ -117,13 +148,22 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
             max_instances=1,
             next_run_time=due,
         )
+        job._jobstore_alias = self._alias  # as the scheduler's own stores do: events name it
+        return job
 
     def _run_fire_pass(self) -> None:
-        try:
-            self._fire_pass()
-        finally:
-            self._busy.clear()
-            self._scheduler.wakeup()
+        self._fire_pass()
+
+    def _fire_job_ended(self, event: JobEvent) -> None:
+        """The fire job ran, failed, or was not started (its previous run not yet counted as
+        finished by the executor): let the scheduler ask again. Clearing ``_busy`` when the fire
+        pass returns would be too early: the executor drops its instance count for the job
+        only afterwards, in the future's callback, and a fire job handed over in between is
+        refused (``max_instances``) with ``_busy`` left set, so nothing would fire again."""
+        if event.job_id != FIRE_JOB_ID or event.jobstore != self._alias:
+            return
+        self._busy.clear()
+        self._scheduler.wakeup()
 
     def __repr__(self) -> str:
         return f"<{self.__class__.__name__} ({self._engine.url.render_as_string()})>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -16,9 +17,9 @@ from sqlalchemy import (
     insert,
     select,
     text,
-    tuple_,
     update,
 )
+from sqlalchemy.sql.elements import TextClause
 
 from scheduler.rules import Timer
 from store.schema import command_acts, daemons, deliveries, events, subscriptions, timers
@@ -96,15 +97,35 @@ def _timer_values(t: Timer) -> dict[str, Any]:
 
 
 def load_timers(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Timer]:
-    keys = list(dict.fromkeys(keys))
+    """The timers with these keys: one index probe per key.
+
+    The keys are joined as a ``VALUES`` list: SQLite scans the whole table for a row-value
+    ``IN``, and ``persona_id IN … AND timer_name IN …`` probes every combination.
+    """
+    ordered = list(dict.fromkeys(keys))
     found: dict[tuple[str, str], Timer] = {}
-    for start in range(0, len(keys), 400):
-        chunk = keys[start : start + 400]
-        stmt = select(timers).where(tuple_(timers.c.persona_id, timers.c.timer_name).in_(chunk))
-        for row in conn.execute(stmt):
+    for start in range(0, len(ordered), 512):
+        chunk = ordered[start : start + 512]
+        # Pad to a power of two (repeating the last key) so that only a few statement shapes
+        # exist: each shape is compiled and cached by SQLAlchemy and by the driver.
+        chunk += [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk))
+        params: dict[str, str] = {}
+        for i, (persona, name) in enumerate(chunk):
+            params[f"p{i}"] = persona
+            params[f"n{i}"] = name
+        for row in conn.execute(_load_statement(len(chunk)), params):
             t = timer_from_row(row)
             found[(t.persona_id, t.timer_name)] = t
     return found
+
+
+@functools.cache
+def _load_statement(size: int) -> TextClause:
+    rows = ", ".join(f"(:p{i}, :n{i})" for i in range(size))
+    return text(
+        f"WITH k(p, n) AS (VALUES {rows}) SELECT timers.* FROM k JOIN timers "
+        "ON timers.persona_id = k.p AND timers.timer_name = k.n"
+    ).columns(*timers.c)  # type: ignore[return-value]
 
 
 def get_timer(conn: Connection, persona_id: str, timer_name: str) -> Timer | None:

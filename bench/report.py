@@ -1,0 +1,278 @@
+"""The printed table: our figures, stock APScheduler's, the ceiling's, the ratios, the goals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+# SPEC 6 goals (2 cores).
+BURST_GOAL = {"sqlite": 20_000, "postgres": 10_000}
+STEADY_P99_GOAL_MS = 20.0
+COMMANDS_GOAL = 10_000
+START_GOAL_S = 2.0
+RSS_GOAL_MB = 200.0
+LIST_GOAL_MS = 5.0
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    cur: Any = data
+    for key in path:
+        if not isinstance(cur, dict) or key not in cur:
+            return None
+        cur = cur[key]
+    return cur
+
+
+def _num(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    if digits == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{digits}f}"
+
+
+def _ratio(better: float | None, worse: float | None) -> str:
+    if not better or not worse:
+        return "—"
+    r = better / worse
+    return f"{r:,.1f}x" if r >= 1 else f"{r:.2f}x"
+
+
+def _lat(d: dict[str, Any] | None) -> str:
+    if not d or d.get("p99_ms") is None:
+        return "—"
+    return f"{d['p50_ms']:.1f}/{d['p99_ms']:.1f}/{d['max_ms']:.0f}"
+
+
+class Row:
+    def __init__(
+        self,
+        metric: str,
+        db: str,
+        ours: str,
+        stock: str = "—",
+        ceiling: str = "—",
+        vs_stock: str = "—",
+        vs_ceiling: str = "—",
+        goal: str = "",
+        ok: bool | None = None,
+    ) -> None:
+        self.cells = [
+            metric,
+            db,
+            ours,
+            stock,
+            ceiling,
+            vs_stock,
+            vs_ceiling,
+            goal,
+            "" if ok is None else ("ok" if ok else "MISS"),
+        ]
+
+
+HEADER = ["metric", "db", "ours", "stock APS", "ceiling", "vs stock", "vs ceiling", "goal", ""]
+
+
+def build_rows(results: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    sizes = results["meta"]["sizes"]
+    for kind in results["meta"]["databases"]:
+        r = results.get(kind, {})
+        if not r:
+            continue
+
+        def val(*path: str, r: dict[str, Any] = r) -> Any:
+            return _get(r, *path)
+
+        def check(v: Any, test: Callable[[Any], bool]) -> bool | None:
+            return None if v is None else test(v)
+
+        ours = val("burst", "durable_per_s")
+        stock = val("stock_burst", "durable_per_s")
+        ceil = val("ceiling_burst", "durable_per_s")
+        goal = BURST_GOAL[kind]
+        rows.append(
+            Row(
+                f"burst {_num(val('burst', 'n'))} (stock {_num(val('stock_burst', 'n'))}): "
+                "fired/s, events durable",
+                kind,
+                _num(ours),
+                _num(stock),
+                _num(ceil),
+                _ratio(ours, stock),
+                _ratio(ours, ceil),
+                f"≥ {goal:,}",
+                check(ours, lambda v, g=goal: v >= g),
+            )
+        )
+        rows.append(
+            Row(
+                f"burst {_num(val('burst_delivered', 'n'))}, 1 subscriber "
+                f"({_num(val('burst_delivered', 'ack_requests'))} acks): fired→delivered+acked/s",
+                kind,
+                _num(val("burst_delivered", "delivered_acked_per_s")),
+            )
+        )
+        rows.append(
+            Row(
+                "  same run: fired/s, events durable",
+                kind,
+                _num(val("burst_delivered", "durable_per_s")),
+                "—",
+                _num(ceil),
+                "—",
+                _ratio(val("burst_delivered", "durable_per_s"), ceil),
+            )
+        )
+        rows.append(
+            Row(
+                "  same run: delivery latency p50/p99/max ms",
+                kind,
+                _lat(val("burst_delivered", "delivery_latency")),
+            )
+        )
+        rate = val("steady", "rate")
+        stock_rate = val("stock_steady", "rate")
+        p99 = val("steady", "lateness", "p99_ms")
+        same_rate = rate is not None and rate == stock_rate
+        rows.append(
+            Row(
+                f"steady {_num(rate)}/s x {_num(val('steady', 'seconds'))} s: "
+                "lateness p50/p99/max ms",
+                kind,
+                _lat(val("steady", "lateness")),
+                _lat(val("stock_steady", "lateness")) if same_rate else "—",
+                "—",
+                _ratio(val("stock_steady", "lateness", "p99_ms"), p99) if same_rate else "—",
+                "—",
+                f"p99 ≤ {STEADY_P99_GOAL_MS:g}",
+                check(p99, lambda v: v <= STEADY_P99_GOAL_MS),
+            )
+        )
+        if not same_rate and stock_rate is not None:
+            low = val("steady_at_stock_rate", "lateness")
+            rows.append(
+                Row(
+                    f"steady {_num(stock_rate)}/s x {_num(val('stock_steady', 'seconds'))} s "
+                    "(stock's rate): lateness ms",
+                    kind,
+                    _lat(low),
+                    _lat(val("stock_steady", "lateness")),
+                    "—",
+                    _ratio(val("stock_steady", "lateness", "p99_ms"), _get(low or {}, "p99_ms")),
+                )
+            )
+        cmd = val("commands", "per_s")
+        rows.append(
+            Row(
+                f"commands: pipelined set_timer/s ({_num(val('commands', 'n'))}, 1 client)",
+                kind,
+                _num(cmd),
+                goal=f"≥ {COMMANDS_GOAL:,}",
+                ok=check(cmd, lambda v: v >= COMMANDS_GOAL),
+            )
+        )
+        rows.append(
+            Row(
+                f"command replies during a burst of {_num(val('commands_during_burst', 'burst_n'))}"
+                f" (n={_num(val('commands_during_burst', 'reply_during_burst', 'n'))}), "
+                "p50/p99/max ms",
+                kind,
+                _lat(val("commands_during_burst", "reply_during_burst")),
+            )
+        )
+        rows.append(
+            Row(
+                "  (same client before the burst, p50/p99/max)",
+                kind,
+                _lat(val("commands_during_burst", "reply_idle")),
+            )
+        )
+        n = val("scale", "n")
+        start = val("scale", "start_s")
+        rows.append(
+            Row(
+                f"scale {_num(n)} timers: start to ping, s (restart)",
+                kind,
+                f"{_num(start, 2)} ({_num(val('scale', 'restart_s'), 2)})",
+                goal=f"≤ {START_GOAL_S:g}",
+                ok=check(start, lambda v: v <= START_GOAL_S),
+            )
+        )
+        rss = [val("scale", "rss_after_start_mb"), val("scale", "rss_after_list_mb")]
+        rss_max = max((v for v in rss if v is not None), default=None)
+        rows.append(
+            Row(
+                "  resident MB after start / after lists",
+                kind,
+                f"{_num(rss[0], 1)} / {_num(rss[1], 1)}",
+                goal=f"≤ {RSS_GOAL_MB:g}",
+                ok=check(rss_max, lambda v: v <= RSS_GOAL_MB),
+            )
+        )
+        lst = val("scale", "list_timers_100", "p50_ms")
+        rows.append(
+            Row(
+                "  list_timers, persona of 100: median (p99) ms",
+                kind,
+                f"{_num(lst, 2)} ({_num(val('scale', 'list_timers_100', 'p99_ms'), 2)})",
+                goal=f"≤ {LIST_GOAL_MS:g}",
+                ok=check(lst, lambda v: v <= LIST_GOAL_MS),
+            )
+        )
+        if val("scale", "list_timers_1000") is not None:
+            rows.append(
+                Row(
+                    "  list_timers limit=1000, persona at quota: median ms",
+                    kind,
+                    _num(val("scale", "list_timers_1000", "p50_ms"), 2),
+                )
+            )
+        rows.append(
+            Row(
+                "  status (counts timers by state): median ms",
+                kind,
+                _num(val("scale", "status", "p50_ms"), 1),
+            )
+        )
+        for name, err in sorted(r.get("errors", {}).items()):
+            rows.append(Row(f"  ERROR in {name}", kind, err[:60]))
+    # Scenarios that were not run leave rows without any figure: leave them out.
+    rows = [row for row in rows if any(set(c) - set("—()/ ") for c in row.cells[2:5])]
+    if sizes != "full":
+        for row in rows:
+            if row.cells[8]:
+                row.cells[8] = f"({row.cells[8]})"
+    return rows
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = [HEADER] + [r.cells for r in build_rows(results)]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
+    right = {2, 3, 4, 5, 6}
+    lines = []
+    for k, row in enumerate(rows):
+        cells = [
+            str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i])
+            for i, c in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    meta = results["meta"]
+    head = [
+        f"program-timer benchmark: sizes={meta['sizes']}, {meta['cpus']} CPUs, "
+        f"load average {meta['load_before']:.2f} before / {meta['load_after']:.2f} after, "
+        f"{meta['elapsed_s']:.0f} s",
+        "Burst rates count from the instant the timers fell due to the moment the harness saw "
+        "the last event committed.",
+        "vs stock / vs ceiling: how many times better ours is (rates: ours ÷ theirs; "
+        "times: theirs ÷ ours); lateness cells are p50/p99/max ms.",
+    ]
+    if meta["sizes"] != "full":
+        head.append(
+            "Goals are SPEC 6's, judged on the full sizes only: (ok)/(MISS) here is indicative."
+        )
+    return "\n".join([*head, "", *lines])

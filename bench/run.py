@@ -1,0 +1,367 @@
+"""Run the whole benchmark with one command:
+
+    python -m bench.run                       # full sizes, SQLite and PostgreSQL
+    python -m bench.run --sizes small         # tiny sizes, under a minute
+    python -m bench.run --db sqlite --out bench/results/
+
+On each database, in one run: the daemon (burst, burst with one acking subscriber, steady rate,
+pipelined commands, commands during a burst, 1,000,000 stored timers), stock APScheduler (burst
+and steady) and the bare batched-SQL ceiling (burst). Prints a table with the ratios, writes the
+raw figures as JSON and a PNG of the lateness distribution into ``--out``.
+
+PostgreSQL: ``--pg-url`` (or ``BENCH_PG_URL``) names a server and a database to connect to as an
+administrator (default ``postgresql://postgres@127.0.0.1:5432/test``); the benchmark creates its
+own database ``bench_<random>`` there and drops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import ceiling, ours, stock_apscheduler
+from bench.common import DEFAULT_PG_ADMIN, Database, log, stop_all_daemons
+from bench.report import format_table
+
+
+@dataclass(frozen=True)
+class Sizes:
+    burst: int  # timers due at one instant (ours and the ceiling)
+    burst_delivered: int  # the same with one acking subscriber
+    steady_rate: float  # fires per second ...
+    steady_seconds: float  # ... for this long
+    commands: int  # pipelined set_timer commands
+    during_burst: int  # burst size while a client sends commands
+    scale: int  # stored timers for start time, memory, list_timers
+    list_calls: int
+    stock_burst: int  # stock APScheduler is slow: a smaller burst
+    stock_steady_seconds: float
+
+
+SIZES = {
+    "full": Sizes(20_000, 20_000, 1000, 30, 20_000, 20_000, 1_000_000, 100, 2_000, 30),
+    "small": Sizes(1_000, 1_000, 1000, 1.5, 2_000, 2_000, 20_000, 20, 300, 1.5),
+    # For the smoke test only: exercises every code path in seconds.
+    "tiny": Sizes(200, 200, 200, 1, 200, 200, 2_000, 5, 50, 1),
+}
+
+SCENARIOS = (
+    "ceiling",
+    "burst",
+    "burst_delivered",
+    "steady",
+    "commands",
+    "commands_during_burst",
+    "stock",
+    "scale",
+)
+
+
+def stock_steady_rate(sizes: Sizes, stock_burst_rate: float | None) -> float:
+    """Stock APScheduler's steady rate: ours if it can sustain it, else about half of what it
+    fired in its burst (its sustainable rate), in steps of 50 per second."""
+    if not stock_burst_rate:
+        return min(sizes.steady_rate, 100)
+    return float(min(sizes.steady_rate, max(50, int(stock_burst_rate * 0.5 / 50) * 50)))
+
+
+def run_database(
+    kind: str,
+    sizes: Sizes,
+    workdir: Path,
+    *,
+    pg_url: str,
+    scenarios: set[str],
+    profile_dir: Path | None,
+    stock_rate: float | None,
+) -> dict[str, Any]:
+    db = Database(kind, workdir, pg_url)
+    db.setup()
+    out: dict[str, Any] = {"errors": {}}
+
+    def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        load = os.getloadavg()[0]
+        t = time.monotonic()
+        log(f"{kind}: {name} ...")
+        try:
+            result = fn()
+        except Exception as exc:
+            log(f"{kind}: {name} FAILED: {exc}")
+            traceback.print_exc()
+            out["errors"][name] = f"{type(exc).__name__}: {exc}"
+            stop_all_daemons()
+            return None
+        result["elapsed_s"] = round(time.monotonic() - t, 2)
+        result["load_before"] = round(load, 2)
+        out[name] = result
+        brief = {k: v for k, v in result.items() if not k.endswith("_samples_s")}
+        log(f"{kind}: {name}: {json.dumps(brief)}")
+        return result
+
+    def prof(name: str) -> Path | None:
+        return None if profile_dir is None else profile_dir / f"profile-{kind}-{name}.txt"
+
+    try:
+        if "ceiling" in scenarios:
+            step(
+                "ceiling_burst", lambda: ceiling.run_ceiling_burst(db, sizes.burst, label="ceiling")
+            )
+        if "burst" in scenarios:
+            step(
+                "burst",
+                lambda: ours.run_burst(
+                    db, workdir, sizes.burst, label="burst", profile=prof("burst")
+                ),
+            )
+        if "burst_delivered" in scenarios:
+            step(
+                "burst_delivered",
+                lambda: ours.run_burst(
+                    db,
+                    workdir,
+                    sizes.burst_delivered,
+                    label="burst-delivered",
+                    subscriber=True,
+                    profile=prof("burst_delivered"),
+                ),
+            )
+        if "steady" in scenarios:
+            step(
+                "steady",
+                lambda: ours.run_steady(
+                    db,
+                    workdir,
+                    sizes.steady_rate,
+                    sizes.steady_seconds,
+                    label="steady",
+                    profile=prof("steady"),
+                ),
+            )
+        if "commands" in scenarios:
+            step(
+                "commands",
+                lambda: ours.run_commands(
+                    db, workdir, sizes.commands, label="commands", profile=prof("commands")
+                ),
+            )
+        if "commands_during_burst" in scenarios:
+            step(
+                "commands_during_burst",
+                lambda: ours.run_commands_during_burst(
+                    db, workdir, sizes.during_burst, label="commands-during-burst"
+                ),
+            )
+        if "stock" in scenarios:
+            burst = step(
+                "stock_burst",
+                lambda: stock_apscheduler.run_stock_burst(
+                    db, sizes.stock_burst, label="stock-burst"
+                ),
+            )
+            rate = stock_rate or stock_steady_rate(sizes, burst and burst.get("durable_per_s"))
+            step(
+                "stock_steady",
+                lambda: stock_apscheduler.run_stock_steady(
+                    db, rate, sizes.stock_steady_seconds, label="stock-steady"
+                ),
+            )
+            if "steady" in scenarios and rate != sizes.steady_rate:
+                step(
+                    "steady_at_stock_rate",
+                    lambda: ours.run_steady(
+                        db, workdir, rate, sizes.stock_steady_seconds, label="steady-low"
+                    ),
+                )
+        if "scale" in scenarios:
+            step(
+                "scale",
+                lambda: ours.run_scale(
+                    db,
+                    workdir,
+                    sizes.scale,
+                    label="scale",
+                    list_calls=sizes.list_calls,
+                    profile=prof("list_timers"),
+                ),
+            )
+    finally:
+        stop_all_daemons()
+        db.cleanup()
+    return out
+
+
+def run(
+    sizes_name: str,
+    databases: list[str],
+    out_dir: Path,
+    *,
+    pg_url: str = DEFAULT_PG_ADMIN,
+    scenarios: set[str] | None = None,
+    profile: bool = False,
+    stock_rate: float | None = None,
+    plot: bool = True,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Run the benchmark; returns the results and the files written."""
+    sizes = SIZES[sizes_name]
+    scenarios = set(scenarios or SCENARIOS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = out_dir / f"bench-{sizes_name}-{stamp}"
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "meta": {
+            "sizes": sizes_name,
+            "size_values": asdict(sizes),
+            "databases": databases,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_before": os.getloadavg()[0],
+            "scenarios": sorted(scenarios),
+            "versions": _versions(),
+        }
+    }
+    profile_dir = out_dir if profile else None
+    with tempfile.TemporaryDirectory(prefix="ptbench-") as tmp:
+        for kind in databases:
+            results[kind] = run_database(
+                kind,
+                sizes,
+                Path(tmp),
+                pg_url=pg_url,
+                scenarios=scenarios,
+                profile_dir=profile_dir,
+                stock_rate=stock_rate,
+            )
+    results["meta"]["load_after"] = os.getloadavg()[0]
+    results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+
+    # Raw lateness samples go to a file of their own; the main JSON keeps the summaries.
+    samples: dict[str, dict[str, Any]] = {}
+    for kind in databases:
+        series = {}
+        for key, name, label in (
+            ("ours", "steady", "program-timer"),
+            ("ours_low", "steady_at_stock_rate", "program-timer"),
+            ("stock", "stock_steady", "stock APScheduler"),
+        ):
+            data = results[kind].get(name)
+            if data and "lateness_samples_s" in data:
+                series[key] = {
+                    "label": f"{label} @ {data['rate']:g}/s",
+                    "lateness_s": data.pop("lateness_samples_s"),
+                }
+        samples[kind] = series
+    files = {"json": base.with_suffix(".json"), "samples": Path(f"{base}-lateness.json")}
+    files["json"].write_text(json.dumps(results, indent=2) + "\n")
+    files["samples"].write_text(json.dumps(samples) + "\n")
+    table = format_table(results)
+    files["table"] = base.with_suffix(".txt")
+    files["table"].write_text(table + "\n")
+    if plot and any(samples.values()):
+        from bench.plot import plot_lateness
+
+        try:
+            files["png"] = plot_lateness(samples, base.with_suffix(".png"))
+        except ImportError:
+            log("matplotlib is missing (pip install matplotlib, or the [bench] extra): no plot")
+    return results, files
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("program-timer", "APScheduler", "SQLAlchemy", "psycopg"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sizes", choices=sorted(SIZES), default="full")
+    parser.add_argument(
+        "--db", default="sqlite,postgres", help="comma-separated: sqlite, postgres (default both)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_ADMIN),
+        help="PostgreSQL server to create the benchmark database on",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--stock-steady-rate",
+        type=float,
+        default=None,
+        help="stock APScheduler's steady rate (default: about half its burst rate)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the daemon with py-spy (burst, delivery, steady, commands, list_timers) "
+        "into --out; summarize with python -m bench.profile_summary",
+    )
+    args = parser.parse_args(argv)
+    databases = [d.strip() for d in args.db.split(",") if d.strip()]
+    for d in databases:
+        if d not in ("sqlite", "postgres"):
+            parser.error(f"--db: unknown database {d!r}")
+    scenarios = {s.strip() for s in args.scenarios.split(",") if s.strip()}
+    if unknown := scenarios - set(SCENARIOS):
+        parser.error(f"--scenarios: unknown {', '.join(sorted(unknown))}")
+
+    # SIGTERM/SIGHUP: unwind normally so that daemons are stopped and databases dropped.
+    def _exit(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGHUP, _exit)
+    try:
+        results, files = run(
+            args.sizes,
+            databases,
+            args.out,
+            pg_url=args.pg_url,
+            scenarios=scenarios,
+            profile=args.profile,
+            stock_rate=args.stock_steady_rate,
+        )
+    finally:
+        stop_all_daemons()
+    print()
+    print(files["table"].read_text(), end="")
+    print()
+    for what, path in files.items():
+        print(f"{what:>8}: {path}")
+    failed = [f"{k}/{n}" for k in databases for n in results[k].get("errors", {})]
+    if failed:
+        print(f"FAILED scenarios: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
