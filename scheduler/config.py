@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=1024, ge=1)
     max_arguments: int = Field(default=64, ge=1)
     max_argument_length: int = Field(default=65536, ge=1)
-    max_arguments_size: int = Field(default=65536, ge=1)
+    max_arguments_size: int = Field(default=262144, ge=1)
     max_inflight: int = Field(default=100, ge=1)
     max_pipeline: int = Field(default=1000, ge=1)
     fire_batch_size: int = Field(default=1000, ge=1, le=10000)

@@ -345,7 +345,7 @@ class ArgumentLimits(BaseModel):
     model_config = ConfigDict(frozen=True)
     max_arguments: int = 64
     max_argument_length: int = 65536
-    max_arguments_size: int = 65536
+    max_arguments_size: int = 262144
     default_timezone: str = "UTC"
 
 

@@ -686,6 +686,14 @@ def test_default_argument_limits(shared: DaemonProcess) -> None:
         s.sendall(_cmd(3, **base, **{f"a{i}": "x" for i in range(60)}, big="y" * 65536))  # 64
         r = lines.next()
         assert r is not None and r["ok"] is True, r
+        # all of a command's arguments together: at most 262144 characters by default
+        four = {f"b{i}": "z" * 65000 for i in range(4)}
+        s.sendall(_cmd(4, **base, **four))
+        r = lines.next()
+        assert r is not None and r["ok"] is True, r
+        s.sendall(_cmd(5, **base, **four, b4="z" * 2000))
+        r = lines.next()
+        assert r is not None and r["error"]["field"] == "arguments", r
 
 
 # --- fuzz ---------------------------------------------------------------------------------
