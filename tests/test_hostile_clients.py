@@ -691,7 +691,7 @@ def test_default_argument_limits(shared: DaemonProcess) -> None:
         s.sendall(_cmd(4, **base, **four))
         r = lines.next()
         assert r is not None and r["ok"] is True, r
-        s.sendall(_cmd(5, **base, **four, b4="z" * 2000))
+        s.sendall(_cmd(5, **base, **four, b4="z" * 5000))
         r = lines.next()
         assert r is not None and r["error"]["field"] == "arguments", r
 
