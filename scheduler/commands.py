@@ -54,6 +54,7 @@ class Outcome:
     error: ProtocolError | None = None
     log: dict[str, Any] = field(default_factory=dict)
     changed_schedule: bool = False
+    due_at: datetime | None = None  # when the timer it set is next due (to wake the firing)
 
 
 def check_envelope(req: CommandRequest, settings: CommandSettings) -> None:
@@ -225,6 +226,7 @@ def _apply_one(batch: _Batch, req: CommandRequest, act_id: str, args: dict[str, 
                 "next_fire_at": utc_iso(timer.due_at),
             },
             changed_schedule=True,
+            due_at=timer.due_at,
         )
     if cmd == "get_timer":
         key = persona_and_name(args)

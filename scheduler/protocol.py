@@ -164,7 +164,7 @@ def decode_line(line: bytes) -> tuple[Any, Request]:
     """
     try:
         text = line.decode("utf-8")  # strict: no surrogates, no UTF-16/32 guessing
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = _DECODER.decode(text)
         if "\\u" in text and _has_lone_surrogate(obj):
             raise ValueError("a \\u escape encodes half of a surrogate pair, which is not text")
     except RecursionError as exc:
@@ -211,6 +211,9 @@ def _shorten(value: Any, quote: bool = True, limit: int = 80) -> str:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _has_lone_surrogate(value: Any) -> bool:

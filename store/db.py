@@ -76,8 +76,12 @@ def make_engine(url: str, *, pool_size: int = 4) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")  # a reader: WAL readers never wait for a writer
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+        _WRITE_LOCKS[engine] = FairLock()
         return engine
     if backend == "postgresql":
         return create_engine(
@@ -144,11 +148,53 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "database error"
 
 
+class FairLock:
+    """A lock granted in the order it was asked for.
+
+    SQLite has one writer at a time, and a writer that finds the database locked sleeps in
+    SQLite's busy handler (up to 100 ms a try) while the thread that holds it may commit and
+    begin again at once: under a burst of fires, commands starved. Within the daemon, writers
+    queue here instead, first come first served, and SQLite's lock is never contended.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, FairLock] = weakref.WeakKeyDictionary()
+READ_ONLY = "program_timer_read_only"
+
+
 @contextlib.contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
     """One database transaction; driver errors come out translated."""
-    with translate_errors(), engine.begin() as conn:
+    lock = _WRITE_LOCKS.get(engine)
+    with translate_errors(), lock or contextlib.nullcontext(), engine.begin() as conn:
         yield conn
+
+
+@contextlib.contextmanager
+def read_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that only reads: on SQLite it neither takes the write lock nor queues
+    behind writers (WAL: it reads the last committed state)."""
+    with translate_errors(), engine.connect() as conn:
+        conn = conn.execution_options(**{READ_ONLY: True})
+        with conn.begin():
+            yield conn
 
 
 def upgrade(engine: Engine) -> None:

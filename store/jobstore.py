@@ -29,7 +29,7 @@ from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Engine
 
 from store import queries
-from store.db import health, transaction
+from store.db import health, read_transaction
 from store.errors import StoreError
 
 FIRE_JOB_ID = "program-timer:fire-due"
@@ -56,6 +56,9 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         self._poll = timedelta(seconds=poll_interval)
         self._now = now
         self._busy = threading.Event()
+        self._planned: datetime | None = None  # the wake-up last given to the scheduler
+        self._changes = 0  # commands seen by wake_if_before (guards a plan read meanwhile)
+        self._lock = threading.Lock()
         self._health = health(engine)
 
     def start(self, scheduler: Any, alias: str) -> None:
@@ -82,15 +85,36 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         now = self._now()
         if self._busy.is_set():
             return None
+        seen = self._changes
         try:
-            with transaction(self._engine) as conn:
+            with read_transaction(self._engine) as conn:
                 due = queries.next_due_at(conn)
         except StoreError as exc:
             self._health.report(False, str(exc))
             return now + self._retry
         self._health.report(True)
         horizon = now + self._poll
-        return horizon if due is None or due > horizon else due
+        plan = horizon if due is None or due > horizon else due
+        with self._lock:
+            if self._changes != seen:
+                # A command committed while we read: our answer may predate it. Look again.
+                self._planned = None
+                return now
+            self._planned = plan
+        return plan
+
+    def wake_if_before(self, due: datetime | None) -> None:
+        """A command made a timer due at ``due``: wake the scheduler if that is earlier than
+        the wake-up it planned (a later timer changes nothing: no query, no wake-up)."""
+        if due is None:
+            return
+        with self._lock:
+            self._changes += 1
+            planned = self._planned
+            if self._busy.is_set() or (planned is not None and due >= planned):
+                return
+            self._planned = due
+        self._scheduler.wakeup()
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
         """The fire job when a timer is due at ``now``. When the database is unreachable:
@@ -100,7 +124,7 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         if self._busy.is_set():
             return []
         try:
-            with transaction(self._engine) as conn:
+            with read_transaction(self._engine) as conn:
                 due = queries.next_due_at(conn)
         except StoreError as exc:
             self._health.report(False, str(exc))
