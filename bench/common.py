@@ -429,6 +429,18 @@ class Daemon:
         _RUNNING.discard(self)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown at all (its database sessions end when the kernel closes them)."""
+        self.stop_profile()
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        _RUNNING.discard(self)
+        self.proc = None
+
     def rss(self) -> int:
         import psutil
 
@@ -574,14 +586,36 @@ def set_timer_message(
     }
 
 
-def wake(path: str) -> None:
-    """Send one schedule-changing command: the daemon looks at its timers table again at once
-    (a timer loaded straight into the table is otherwise noticed within its poll interval)."""
-    far = iso_z(utcnow() + timedelta(days=1))
+def load_due(db: Database, path: str, specs: list[TimerSpec]) -> None:
+    """Store ``specs`` and let the daemon know, through public interfaces only.
+
+    Every timer but the earliest is bulk-loaded into ``timers`` (rows exactly as ``set_timer``
+    leaves them); then the earliest is set with a real ``set_timer`` command on ``path``. The
+    daemon must wake when that timer is due (other daemons on the database are told by the one
+    that took the command), and then it fires whatever the table holds that is due too: the
+    harness does not rely on a command making the daemon look at its whole table again.
+    """
+    if not specs:
+        return
+    first = min(range(len(specs)), key=lambda i: specs[i].due_at)
+    db.insert_timers(timer_rows(db, (s for i, s in enumerate(specs) if i != first), utcnow()))
+    set_timer_spec(path, specs[first])
+
+
+def set_timer_spec(path: str, spec: TimerSpec) -> None:
+    """One ``set_timer`` command for ``spec`` (a one-shot at ``due_at``, or interval-only)."""
+    if spec.interval is None:
+        message = set_timer_message(
+            None, spec.persona_id, spec.timer_name, fire_at=iso_z(spec.due_at)
+        )
+    else:
+        message = set_timer_message(
+            None, spec.persona_id, spec.timer_name, interval=f"{spec.interval:g}"
+        )
     with LineConn(path) as conn:
-        reply = conn.request(set_timer_message(None, "bench-wake", uuid.uuid4().hex, fire_at=far))
+        reply = conn.request(message)
     if not reply.get("ok"):
-        raise BenchError(f"wake-up command refused: {reply}")
+        raise BenchError(f"set_timer refused: {reply}")
 
 
 def wait_for_events(

@@ -1,8 +1,9 @@
 """The scenarios run against the real daemon (``program-timer serve`` as a subprocess).
 
 Timers are loaded straight into the ``timers`` table (rows exactly as ``set_timer`` leaves them)
-while the daemon runs, all due at one instant ``t0`` a little ahead; one schedule-changing command
-then wakes the daemon (as any command would), and the harness watches the ``events`` table.
+while the daemon runs, all due at one instant ``t0`` a little ahead (or, for the steady rate,
+from ``t0`` on); the earliest one is set with a real ``set_timer`` command instead, which tells
+the daemon when to wake, and the harness watches the ``events`` table.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench.common import (
     encode,
     from_epoch,
     iso_z,
+    load_due,
     log,
     set_timer_message,
     sleep_until,
@@ -33,7 +35,6 @@ from bench.common import (
     timer_rows,
     utcnow,
     wait_for_events,
-    wake,
 )
 from events.client import TimerClient
 
@@ -44,9 +45,9 @@ def _lead(n: int) -> float:
 
 
 def _load_due(db: Database, daemon: Daemon, specs: list[TimerSpec], t0: float) -> float:
-    """Load the timers, wake the daemon; returns the margin left before ``t0`` (negative: late)."""
-    db.insert_timers(timer_rows(db, specs, utcnow()))
-    wake(daemon.socket)
+    """Load the timers (the earliest through the socket, which tells the daemon when to wake);
+    returns the margin left before ``t0`` (negative: late)."""
+    load_due(db, daemon.socket, specs)
     margin = t0 - time.time()
     if margin < 0:
         log(f"warning: the load finished {-margin:.3f} s after t0; the rate counts from t0")

@@ -6,8 +6,10 @@
 
 On each database, in one run: the daemon (burst, burst with one acking subscriber, steady rate,
 pipelined commands, commands during a burst, 1,000,000 stored timers), stock APScheduler (burst
-and steady) and the bare batched-SQL ceiling (burst). Prints a table with the ratios, writes the
-raw figures as JSON and a PNG of the lateness distribution into ``--out``.
+and steady) and the bare batched-SQL ceiling (burst); on PostgreSQL only, a burst fired by 1, 2
+and 3 daemons sharing the database, and the same with one of them SIGKILLed mid-burst
+(``multi``). Prints a table with the ratios, writes the raw figures as JSON and a PNG of the
+lateness distribution into ``--out``.
 
 PostgreSQL: ``--pg-url`` (or ``BENCH_PG_URL``) names a server and a database to connect to as an
 administrator (default ``postgresql://postgres@127.0.0.1:5432/test``); the benchmark creates its
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import ceiling, ours, stock_apscheduler
+from bench import ceiling, multi, ours, stock_apscheduler
 from bench.common import DEFAULT_PG_ADMIN, Database, log, stop_all_daemons
 from bench.report import format_table
 
@@ -48,13 +50,14 @@ class Sizes:
     list_calls: int
     stock_burst: int  # stock APScheduler is slow: a smaller burst
     stock_steady_seconds: float
+    multi: int  # burst fired by several daemons on one PostgreSQL database
 
 
 SIZES = {
-    "full": Sizes(20_000, 20_000, 1000, 30, 20_000, 20_000, 1_000_000, 100, 2_000, 30),
-    "small": Sizes(1_000, 1_000, 1000, 1.5, 2_000, 2_000, 20_000, 20, 300, 1.5),
+    "full": Sizes(20_000, 20_000, 1000, 30, 20_000, 20_000, 1_000_000, 100, 2_000, 30, 20_000),
+    "small": Sizes(1_000, 1_000, 1000, 1.5, 2_000, 2_000, 20_000, 20, 300, 1.5, 1_000),
     # For the smoke test only: exercises every code path in seconds.
-    "tiny": Sizes(200, 200, 200, 1, 200, 200, 2_000, 5, 50, 1),
+    "tiny": Sizes(200, 200, 200, 1, 200, 200, 2_000, 5, 50, 1, 200),
 }
 
 SCENARIOS = (
@@ -64,6 +67,7 @@ SCENARIOS = (
     "steady",
     "commands",
     "commands_during_burst",
+    "multi",
     "stock",
     "scale",
 )
@@ -89,7 +93,9 @@ def run_database(
 ) -> dict[str, Any]:
     db = Database(kind, workdir, pg_url)
     db.setup()
-    out: dict[str, Any] = {"errors": {}}
+    out: dict[str, Any] = {"errors": {}, "skipped": {}}
+    if db.pg_name:
+        out["database"] = db.pg_name  # created for the run, dropped at its end
 
     def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         load = os.getloadavg()[0]
@@ -163,6 +169,8 @@ def run_database(
                     db, workdir, sizes.during_burst, label="commands-during-burst"
                 ),
             )
+        if "multi" in scenarios:
+            run_multi(db, workdir, sizes.multi, step, out)
         if "stock" in scenarios:
             burst = step(
                 "stock_burst",
@@ -200,6 +208,47 @@ def run_database(
         stop_all_daemons()
         db.cleanup()
     return out
+
+
+def run_multi(
+    db: Database,
+    workdir: Path,
+    n: int,
+    step: Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any] | None],
+    out: dict[str, Any],
+) -> None:
+    """The multi-daemon scenario: a burst with 1, 2, 3 daemons (``multi_1`` …), then with one
+    SIGKILLed mid-burst (``multi_kill_2`` …). PostgreSQL only: skipped with a note on SQLite."""
+    if db.kind != "postgres":
+        out["skipped"]["multi"] = "SQLite is single-daemon (a second daemon is refused)"
+        log(f"{db.kind}: multi skipped: {out['skipped']['multi']}")
+        return
+    for k in multi.DAEMON_COUNTS:
+        step(f"multi_{k}", lambda k=k: multi.run_multi_burst(db, workdir, n, k, label=f"multi{k}"))
+    for k in multi.KILL_COUNTS:
+        # Killed at half the time the same burst took without a kill (or at half the events).
+        plain = out.get(f"multi_{k}") or {}
+        hint = plain.get("durable_s")
+        step(
+            f"multi_kill_{k}",
+            lambda k=k, hint=hint: multi.run_multi_burst(
+                db,
+                workdir,
+                n,
+                k,
+                label=f"mkill{k}",
+                kill=True,
+                kill_hint_s=hint / 2 if hint else None,
+            ),
+        )
+    names = [f"multi_{k}" for k in multi.DAEMON_COUNTS]
+    names += [f"multi_kill_{k}" for k in multi.KILL_COUNTS]
+    for name in names:
+        r = out.get(name)
+        if r and not r["exactly_once"]:
+            out["errors"][name] = (
+                f"not exactly once: {r['duplicates']} fired twice or more, {r['missing']} missing"
+            )
 
 
 def run(

@@ -1,5 +1,7 @@
-"""The benchmark (bench/, outside the package) runs end to end on tiny sizes, on SQLite only, so it
-cannot rot. Nothing here judges speed: only that every scenario ran and reported its figures."""
+"""The benchmark (bench/, outside the package) runs end to end on tiny sizes, so it cannot rot:
+every scenario on SQLite, and the multi-daemon one on PostgreSQL (skipped when no server is
+reachable, failed instead under ``CI=true``, as the other PostgreSQL tests). Nothing here judges
+speed: only that every scenario ran and reported its figures."""
 
 from __future__ import annotations
 
@@ -8,14 +10,18 @@ import json
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import common as bench_common  # noqa: E402
+from bench import multi as bench_multi  # noqa: E402
 from bench import run as bench_run  # noqa: E402
 from bench.report import format_table  # noqa: E402
+from tests.conftest import PG_ADMIN  # noqa: E402
 
 
 def _positive(value: object) -> bool:
@@ -57,6 +63,9 @@ def test_benchmark_runs_every_scenario_on_tiny_sizes(tmp_path: Path) -> None:
     assert _positive(scale["start_s"])
     assert _positive(scale["rss_after_start_mb"])
     assert _positive(scale["list_timers_100"]["p50_ms"])
+    # Several daemons need PostgreSQL: skipped with a note on SQLite.
+    assert "single-daemon" in r["skipped"]["multi"]
+    assert not any(name.startswith("multi_") for name in r)
 
     # The files: raw figures, lateness samples, the table, and the plot.
     assert json.loads(files["json"].read_text())["meta"]["sizes"] == "tiny"
@@ -65,8 +74,48 @@ def test_benchmark_runs_every_scenario_on_tiny_sizes(tmp_path: Path) -> None:
     table = files["table"].read_text()
     assert "stock APS" in table and "ceiling" in table and "sqlite" in table
     assert table.strip() == format_table(results).strip()
+    assert "sqlite: multi skipped" in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert files["png"].stat().st_size > 0
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_multi_daemon_scenario_on_tiny_sizes_on_postgres(tmp_path: Path, pg_template: str) -> None:
+    """``pg_template`` (tests/conftest.py) skips without a server, or fails under CI=true; the
+    benchmark creates and drops its own database on the same server."""
+    results, files = bench_run.run(
+        "tiny", ["postgres"], tmp_path / "results", pg_url=PG_ADMIN, scenarios={"multi"}
+    )
+
+    r = results["postgres"]
+    assert r["errors"] == {}
+    n = bench_run.SIZES["tiny"].multi
+    for k in bench_multi.DAEMON_COUNTS:
+        run = r[f"multi_{k}"]
+        assert run["daemons"] == k and run["n"] == n
+        assert _positive(run["durable_per_s"])
+        assert run["exactly_once"] and run["events"] == n
+        assert sum(run["fires_by_daemon"].values()) == n
+        assert list(run["fires_by_daemon"]) == list(bench_multi.DAEMON_IDS[:k])
+    for k in bench_multi.KILL_COUNTS:
+        run = r[f"multi_kill_{k}"]
+        assert run["killed"] == bench_multi.KILLED
+        assert run["exactly_once"] and run["events"] == n
+        assert sum(run["fires_by_daemon"].values()) == n
+        assert run["durable_s"] > 0 and run["after_kill_s"] >= 0
+
+    stored = json.loads(files["json"].read_text())["postgres"]
+    assert stored["multi_kill_2"]["fires_by_daemon"] == r["multi_kill_2"]["fires_by_daemon"]
+    table = files["table"].read_text()
+    assert "coordination overhead" in table
+    assert "multi-daemon burst" in table and "SIGKILLed" in table
+    # Every daemon was stopped, and the benchmark's database dropped.
+    assert not bench_common._RUNNING
+    assert stored["database"].startswith("bench_")
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    assert stored["database"] not in names
 
 
 def test_command_line_refuses_unknown_options() -> None:
