@@ -5,12 +5,29 @@ loop, pushes the sendable ones of each subscription attached to one of its conne
 them sent with ``next_attempt_at = now + ack timeout`` (so they are sent again if not acked in
 time), and keeps at most ``max_inflight`` unacked deliveries per connection (back-pressure: a
 flow engine that never acks holds that many and no more).
+
+Cost: the database work of delivery is acks and refills (read the next sendable deliveries, mark
+them sent). Both go through the store worker, which runs the calls queued together in one
+transaction, committed without waiting for the disk (``durable=False``: losing an ack or a send
+mark in a database crash only means the delivery is sent again). Acks that arrive while earlier
+ones are being written are written together, one statement per acking connection. A subscription
+is refilled only once half of its window is free (or a resend fell due), so a subscriber acking a
+few deliveries at a time costs one refill per half window, not one per ack.
+
+The send mark (``attempt + 1``, ``next_attempt_at``) is one set-based ``UPDATE`` per refill, in
+the transaction that reads the rows, committed before they are pushed. It is the one write per
+send that cannot be skipped: it makes ``attempt`` count up across reconnects, restarts and
+daemon crashes, and keeps the next refill (by this daemon or, after a takeover, another) from
+sending the rows again before their ack timeout. The resend deadline itself is also kept in
+memory: each attachment holds its in-flight deliveries in send order, so the pump finds the
+expired ones and the next deadline without scanning the window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -37,7 +54,14 @@ class Peer(Protocol):
 
 
 class Worker(Protocol):
-    def call(self, fn: Callable[[Connection], Any]) -> Future[Any]: ...
+    def call(self, fn: Callable[[Connection], Any], *, durable: bool = True) -> Future[Any]: ...
+
+
+@dataclass(slots=True)
+class _PendingAck:
+    subscription_ids: tuple[str, ...]  # those of the acking connection
+    delivery_ids: list[int]
+    future: asyncio.Future[int]  # how many of them this ack acked
 
 
 @dataclass
@@ -45,7 +69,27 @@ class Attachment:
     subscription_id: str
     flow_instance_id: str
     peer: Peer
-    inflight: dict[int, float] = field(default_factory=dict)  # delivery id -> resend deadline
+    # delivery id -> resend deadline (monotonic), in send order: every send re-inserts its id
+    # at the end with a deadline of now + ack timeout, so deadlines never decrease along it.
+    inflight: dict[int, float] = field(default_factory=dict)
+    # Some in-flight delivery passed its deadline: it is sendable again, refill even if less
+    # than half the window is free.
+    resend_due: bool = False
+
+    def expire(self, mono: float) -> None:
+        """Drop the deliveries whose ack timeout passed (the database has them due again)."""
+        inflight = self.inflight
+        while inflight:
+            delivery_id, deadline = next(iter(inflight.items()))
+            if deadline > mono:
+                return
+            del inflight[delivery_id]
+            self.resend_due = True
+
+    def next_deadline(self) -> float | None:
+        for deadline in self.inflight.values():
+            return deadline
+        return None
 
 
 class Dispatcher:
@@ -63,16 +107,20 @@ class Dispatcher:
         self._daemon_id = daemon_id
         self._ack_timeout = ack_timeout
         self._max_inflight = max_inflight
+        # Refill a subscription once this much of its window is free (half of it).
+        self._refill_at = max(1, max_inflight // 2)
         self._now = now
         self._poll = poll_interval
         self._attached: dict[str, Attachment] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._acks: list[_PendingAck] = []
+        self._ack_writer: asyncio.Task[None] | None = None
         self.pushed = 0
 
-    async def _db(self, fn: Callable[[Connection], Any]) -> Any:
-        return await asyncio.wrap_future(self._worker.call(fn))
+    async def _db(self, fn: Callable[[Connection], Any], *, durable: bool = True) -> Any:
+        return await asyncio.wrap_future(self._worker.call(fn, durable=durable))
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -85,6 +133,9 @@ class Dispatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._ack_writer is not None:
+            with contextlib.suppress(Exception):  # its acks get the error
+                await self._ack_writer  # the acks already received are written
         ids = list(self._attached)
         self._attached.clear()
         if ids:
@@ -167,17 +218,50 @@ class Dispatcher:
     async def ack(self, peer: Peer, delivery_ids: list[int]) -> dict[str, Any]:
         mine = [a for a in self._attached.values() if a.peer is peer]
         subs = [a.subscription_id for a in mine]
-        now = self._now()
-        acked = await self._db(lambda c: queries.ack_deliveries(c, delivery_ids, subs, now))
-        for attachment in mine:
-            for delivery_id in acked:
-                attachment.inflight.pop(delivery_id, None)
+        if not subs or not delivery_ids:
+            return {"acked": 0}
+        pending = _PendingAck(tuple(subs), delivery_ids, asyncio.get_running_loop().create_future())
+        self._acks.append(pending)
+        if self._ack_writer is None or self._ack_writer.done():
+            self._ack_writer = asyncio.create_task(self._write_acks(), name="delivery-acks")
+        acked = await pending.future
         # Acks of deliveries already acked (a resend raced the ack) are not errors.
         for attachment in mine:
+            inflight = attachment.inflight
             for delivery_id in delivery_ids:
-                attachment.inflight.pop(delivery_id, None)
+                inflight.pop(delivery_id, None)
         self._wake.set()
-        return {"acked": len(acked)}
+        return {"acked": acked}
+
+    async def _write_acks(self) -> None:
+        """Write the queued acks, all of them in one worker call (one ``UPDATE`` per acking
+        connection); acks arriving meanwhile wait for the next round."""
+        while self._acks:
+            batch, self._acks = self._acks, []
+            by_subs: dict[tuple[str, ...], list[int]] = {}
+            for p in batch:
+                by_subs.setdefault(p.subscription_ids, []).extend(p.delivery_ids)
+            write = functools.partial(_write_acks, by_subs=by_subs, now=self._now())
+            try:
+                # Not durable: an ack lost in a database crash only means the delivery is
+                # sent again.
+                acked = await self._db(write, durable=False)
+            except BaseException as exc:
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for p in batch:
+                done = acked[p.subscription_ids]
+                count = 0
+                for delivery_id in p.delivery_ids:
+                    if delivery_id in done:  # counted for the first ack that names it
+                        done.discard(delivery_id)
+                        count += 1
+                if not p.future.done():
+                    p.future.set_result(count)
 
     async def disconnected(self, peer: Peer) -> None:
         gone = [sid for sid, a in self._attached.items() if a.peer is peer]
@@ -194,7 +278,11 @@ class Dispatcher:
     async def _pump_loop(self) -> None:
         while True:
             timeout = self._poll
-            deadlines = [d for a in self._attached.values() for d in a.inflight.values()]
+            deadlines = [
+                d
+                for a in self._attached.values()
+                if not a.peer.closed and (d := a.next_deadline()) is not None
+            ]
             if deadlines:
                 timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
             with contextlib.suppress(TimeoutError):
@@ -212,16 +300,18 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
 
     async def pump(self) -> None:
-        """Send what each attached subscription may receive now, up to its capacity."""
+        """Send what each attached subscription may receive now, up to its capacity: once at
+        least half of its window is free, or at once when a resend fell due."""
         mono = time.monotonic()
         wanted: dict[str, int] = {}
         for sid, a in list(self._attached.items()):
             if a.peer.closed:
                 continue
-            live = sum(1 for d in a.inflight.values() if d > mono)
-            capacity = self._max_inflight - live
-            if capacity > 0:
+            a.expire(mono)
+            capacity = self._max_inflight - len(a.inflight)
+            if capacity >= self._refill_at or (capacity > 0 and a.resend_due):
                 wanted[sid] = capacity
+                a.resend_due = False
         if not wanted:
             return
         now = self._now()
@@ -229,7 +319,6 @@ class Dispatcher:
 
         def fetch(conn: Connection) -> tuple[dict[str, list[Any]], set[str]]:
             found: dict[str, list[Any]] = {}
-            marks: list[dict[str, Any]] = []
             # A subscriber that re-attached through another daemon is that daemon's now.
             moved = queries.attached_elsewhere(conn, list(wanted), self._daemon_id)
             for sid, capacity in wanted.items():
@@ -238,19 +327,14 @@ class Dispatcher:
                 rows = queries.due_deliveries(conn, sid, now, capacity)
                 if rows:
                     found[sid] = rows
-                    marks.extend(
-                        {
-                            "_id": r.id,
-                            "attempt": r.attempt + 1,
-                            "sent_at": now,
-                            "next_attempt_at": resend_at,
-                        }
-                        for r in rows
-                    )
-            queries.mark_sent(conn, marks)
+            # Persisted before the push (the push happens after the commit): the attempt
+            # counts up even if the daemon dies right after sending.
+            queries.mark_sent(conn, [r.id for rows in found.values() for r in rows], now, resend_at)
             return found, moved
 
-        found, moved = await self._db(fetch)
+        # Not durable: a send mark lost in a database crash only means the delivery is sent
+        # again (sooner than the ack timeout), with the attempt number it had.
+        found, moved = await self._db(fetch, durable=False)
         for sid in moved:
             if self._attached.pop(sid, None) is not None:
                 log.info(
@@ -263,8 +347,10 @@ class Dispatcher:
             attachment = self._attached.get(sid)
             if attachment is None or attachment.peer.closed:
                 continue  # sent again on reattach (release_unacked) or after the ack timeout
+            inflight = attachment.inflight
             for r in rows:
-                attachment.inflight[r.id] = deadline
+                inflight.pop(r.id, None)  # a resend goes to the end: send order is kept
+                inflight[r.id] = deadline
                 attachment.peer.push(
                     event_message(
                         subscription_id=sid,
@@ -281,5 +367,12 @@ class Dispatcher:
                     )
                 )
                 self.pushed += 1
-            if len(rows) == wanted[sid]:
-                self._wake.set()  # there may be more once acks come
+
+
+def _write_acks(
+    conn: Connection, by_subs: dict[tuple[str, ...], list[int]], now: datetime
+) -> dict[tuple[str, ...], set[int]]:
+    """Ack each connection's deliveries (of its own subscriptions); the ids acked now."""
+    return {
+        subs: set(queries.ack_deliveries(conn, ids, subs, now)) for subs, ids in by_subs.items()
+    }

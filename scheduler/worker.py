@@ -2,8 +2,10 @@
 
 Commands queue here and are applied in groups: everything waiting when the thread is free (up
 to ``max_batch`` commands) goes into one transaction, so a pipelining client costs one commit per
-group, not per command. Other work (subscriptions, deliveries, status) is a callable run in a
-transaction of its own. Results come back as :class:`concurrent.futures.Future`.
+group, not per command. Other work (subscriptions, acks, delivery refills, status) is a callable;
+consecutive callables are grouped the same way, each run in turn on one connection in one
+transaction (a command still ends the group: order with the commands is kept). Results come back
+as :class:`concurrent.futures.Future`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class _Command:
 class _Call:
     fn: Callable[[Connection], Any]
     future: Future[Any]
+    durable: bool = True
 
 
 _STOP = object()
@@ -90,10 +93,20 @@ class StoreWorker:
         self._queue.put(_Command(request, fut, loop))
         return fut
 
-    def call(self, fn: Callable[[Connection], Any]) -> Future[Any]:
-        """Run ``fn(connection)`` in a transaction of its own on the worker thread."""
+    def call(self, fn: Callable[[Connection], Any], *, durable: bool = True) -> Future[Any]:
+        """Run ``fn(connection)`` in a transaction on the worker thread.
+
+        The transaction may be shared with other calls queued at the same time (group commit),
+        and ``fn`` may be run a second time, on its own, when another call of its group failed:
+        it must do nothing but database work on ``conn`` (and return what it found).
+
+        ``durable=False``: the work may be committed without waiting for the disk (see
+        :func:`_relaxed_commit`), for writes whose loss in a database crash or power cut is
+        harmless: acks and send marks (a lost one only means a delivery is sent once more, as
+        at-least-once allows). A group is committed that way only if all of its calls are.
+        """
         fut: Future[Any] = Future()
-        self._queue.put(_Call(fn, fut))
+        self._queue.put(_Call(fn, fut, durable))
         return fut
 
     def _run(self) -> None:
@@ -104,7 +117,17 @@ class StoreWorker:
             if item is _STOP:
                 return
             if isinstance(item, _Call):
-                self._run_call(item)
+                calls = [item]
+                while len(calls) < self._max_batch:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not isinstance(nxt, _Call):
+                        pending = nxt
+                        break
+                    calls.append(nxt)
+                self._run_calls(calls)
                 continue
             group = [item]
             while len(group) < self._max_batch:
@@ -118,18 +141,30 @@ class StoreWorker:
                 group.append(nxt)
             self._run_commands(group)
 
-    def _run_call(self, item: _Call) -> None:
+    def _run_calls(self, calls: list[_Call]) -> None:
+        """Run the calls in one transaction; if one of them fails (other than the database
+        being unreachable), run each on its own, so that one bad call does not fail the
+        others."""
+        durable = any(c.durable for c in calls)
         try:
             with transaction(self._engine) as conn:
-                result = item.fn(conn)
+                if not durable:
+                    _relaxed_commit(conn)
+                results = [c.fn(conn) for c in calls]
             self._mark_available(True)
         except StoreUnavailable as exc:
             self._mark_available(False, str(exc))
-            item.future.set_exception(exc)
+            for c in calls:
+                c.future.set_exception(exc)
         except BaseException as exc:
-            item.future.set_exception(exc)
+            if len(calls) > 1:
+                for c in calls:
+                    self._run_calls([c])
+                return
+            calls[0].future.set_exception(exc)
         else:
-            item.future.set_result(result)
+            for c, result in zip(calls, results, strict=True):
+                c.future.set_result(result)
 
     def _run_commands(self, group: list[_Command]) -> None:
         requests = [c.request for c in group]
@@ -167,6 +202,23 @@ class StoreWorker:
 
     def _mark_available(self, ok: bool, reason: str = "") -> None:
         self._health.report(ok, reason)  # logs database_down / database_back once each
+
+
+def _relaxed_commit(conn: Connection) -> None:
+    """Let this transaction commit without waiting for its WAL to reach the disk.
+
+    PostgreSQL: ``synchronous_commit = off`` for this transaction only. The commit is still
+    atomic and in WAL order (a later synchronous commit, of a fire or a command, flushes it
+    too); a database crash may lose the last few hundred milliseconds of such commits, and
+    corrupts nothing. Losing an ack or a send mark is harmless: the delivery is sent again (at
+    least once), with the attempt it had. Fire and command transactions never take this path.
+
+    SQLite: nothing; these commits stay ``synchronous=FULL``. (``PRAGMA synchronous=NORMAL``
+    would do the same there, but it is per connection and would have to be put back after the
+    commit, before the pooled connection serves a fire.)
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
 
 
 def _resolve(group: list[_Command], outcomes: list[Outcome]) -> None:

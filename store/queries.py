@@ -391,7 +391,14 @@ def delete_subscription(conn: Connection, subscription_id: str) -> bool:
 def due_deliveries(
     conn: Connection, subscription_id: str, now: datetime, limit: int
 ) -> list[Row[Any]]:
-    """Pending deliveries of a subscription that may be sent now, in fire order."""
+    """Pending deliveries of a subscription that may be sent now, in fire order.
+
+    Ordered like ``ix_deliveries_pending`` (``subscription_id`` and ``acked_at`` are fixed by
+    the filter, so this is the order of ``id``): PostgreSQL then reads that index in order and
+    stops at ``limit`` (0.1 ms at 20,000 pending). Ordered by ``id`` alone it sorts every
+    pending delivery, or walks the primary key through the acked ones (3 to 20 ms). Statistics
+    taken while almost nothing was pending still mislead it into the sort.
+    """
     stmt = (
         select(
             deliveries.c.id,
@@ -408,7 +415,7 @@ def due_deliveries(
             deliveries.c.acked_at.is_(None),
             deliveries.c.next_attempt_at <= now,
         )
-        .order_by(deliveries.c.id)
+        .order_by(deliveries.c.subscription_id, deliveries.c.acked_at, deliveries.c.id)
         .limit(limit)
     )
     return list(conn.execute(stmt))
@@ -426,49 +433,76 @@ def next_resend_at(conn: Connection, subscription_ids: Sequence[str]) -> datetim
     return result
 
 
-_MARK_SENT = (
-    update(deliveries)
-    .where(deliveries.c.id == bindparam("_id"))
-    .values(
-        attempt=bindparam("attempt"),
-        sent_at=bindparam("sent_at"),
-        next_attempt_at=bindparam("next_attempt_at"),
-    )
-)
+def mark_sent(
+    conn: Connection, delivery_ids: Sequence[int], sent_at: datetime, next_attempt_at: datetime
+) -> None:
+    """Record that these deliveries are being sent: one more ``attempt`` (persisted before the
+    push, so that it counts up across reconnects, restarts and crashes), and not sendable
+    again before ``next_attempt_at`` (the ack timeout). One statement for the whole batch."""
+    for chunk in _id_chunks(delivery_ids):
+        conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(chunk))
+            .values(
+                attempt=deliveries.c.attempt + 1,
+                sent_at=sent_at,
+                next_attempt_at=next_attempt_at,
+            )
+        )
 
 
-def mark_sent(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(_MARK_SENT, list(rows))
+def _id_chunks(ids: Sequence[int], size: int = 5000) -> Iterable[list[int]]:
+    """``ids`` in lists short enough for one ``IN`` (SQLite binds at most 32,766 values)."""
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
 
 
 def ack_deliveries(
     conn: Connection, delivery_ids: Sequence[int], subscription_ids: Sequence[str], now: datetime
 ) -> list[int]:
-    """Ack the given deliveries of these subscriptions; returns the ids really acked now."""
-    if not delivery_ids or not subscription_ids:
+    """Ack the given deliveries of these subscriptions; returns the ids really acked now.
+
+    The rows are found by primary key only, in a materialized CTE, and checked (subscription,
+    not acked yet) there: any filter on ``acked_at`` or ``subscription_id`` in the ``UPDATE``
+    itself lets PostgreSQL, with statistics from a time when little was pending (the usual
+    case at the start of a burst), scan every pending delivery through ``ix_deliveries_acked``
+    or ``ix_deliveries_pending`` for each ack: milliseconds per ack at 20,000 pending, and
+    200 ms with the check repeated outside the CTE. Without that recheck, a concurrent ack of
+    the same row (another daemon, READ COMMITTED) is applied twice: harmless.
+    """
+    if not subscription_ids:
         return []
-    result = conn.execute(
-        update(deliveries)
-        .where(
-            deliveries.c.id.in_(list(delivery_ids)),
-            deliveries.c.subscription_id.in_(list(subscription_ids)),
-            deliveries.c.acked_at.is_(None),
+    acked: list[int] = []
+    for chunk in _id_chunks(delivery_ids):
+        named = (
+            select(deliveries.c.id, deliveries.c.subscription_id, deliveries.c.acked_at)
+            .where(deliveries.c.id.in_(chunk))
+            .cte("named")
+            .prefix_with("MATERIALIZED")
         )
-        .values(acked_at=now)
-        .returning(deliveries.c.id)
-    )
-    return [r[0] for r in result]
+        theirs = select(named.c.id).where(
+            named.c.subscription_id.in_(list(subscription_ids)), named.c.acked_at.is_(None)
+        )
+        result = conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(theirs))
+            .values(acked_at=now)
+            .returning(deliveries.c.id)
+        )
+        acked.extend(r[0] for r in result)
+    return acked
 
 
 def release_unacked(conn: Connection, subscription_ids: Sequence[str], now: datetime) -> None:
-    """Make a subscription's in-flight deliveries sendable at once (it reconnected)."""
+    """Make a subscription's in-flight deliveries sendable at once (it reconnected). Those
+    never sent, or whose ack timeout passed, are sendable already: left alone."""
     if subscription_ids:
         conn.execute(
             update(deliveries)
             .where(
                 deliveries.c.subscription_id.in_(list(subscription_ids)),
                 deliveries.c.acked_at.is_(None),
+                deliveries.c.next_attempt_at > now,
             )
             .values(next_attempt_at=now)
         )

@@ -220,3 +220,106 @@ def test_never_acking_subscriber_does_not_grow_memory(daemon_factory) -> None:  
     assert st["deliveries"]["inflight"] <= 50
     assert st["deliveries"]["pending"] == 10000  # kept in the database, not in memory
     assert rss_2 - rss_1 < 6 * 1024 * 1024, (rss_1, rss_2)
+
+
+def test_attempt_counts_up_across_a_crash_and_a_restart(daemon: DaemonProcess) -> None:
+    with daemon.client() as sub, daemon.client() as c:
+        sub.subscribe("count")
+        c.command("set_timer", "my_timer", personaId="p", timerName="t", interval="0.1")
+        (first,) = _events(sub, 1)
+    daemon.kill()  # the send mark was committed before the push: a crash does not undo it
+    daemon.start()
+    with daemon.client() as sub:
+        sub.subscribe("count")
+        (second,) = _events(sub, 1)
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.client() as sub:
+        sub.subscribe("count")
+        (third,) = _events(sub, 1)
+        assert sub.ack([third["deliveryId"]]) == 1
+    got = (first, second, third)
+    assert [m["attempt"] for m in got] == [1, 2, 3]
+    assert len({m["deliveryId"] for m in got}) == 1
+    assert len({m["event"]["externalEventId"] for m in got}) == 1
+
+
+def _pending_deliveries(daemon: DaemonProcess, subscription: str, n: int) -> None:
+    """Let ``n`` deliveries wait for a subscription whose subscriber is away."""
+    with daemon.client() as sub:
+        sub.subscribe(subscription)
+    with daemon.client() as c:
+        for i in range(n):
+            c.command("set_timer", "my_timer", personaId="p", timerName=f"w{i}", interval="0.1")
+        wait_for(lambda: c.status()["deliveries"]["pending"] == n)
+
+
+def test_window_is_refilled_once_half_of_it_is_free(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    d: DaemonProcess = daemon_factory(PROGRAM_TIMER_MAX_INFLIGHT=4)
+    d.start()
+    _pending_deliveries(d, "window", 8)
+    with d.client() as sub:
+        sub.subscribe("window")
+        first = _events(sub, 4)
+        _no_event(sub, 1.0)  # the window is full
+        assert sub.ack([first[0]["deliveryId"]]) == 1
+        _no_event(sub, 1.0)  # a quarter of it free: not worth a refill yet
+        assert sub.ack([first[1]["deliveryId"]]) == 1
+        second = _events(sub, 2, timeout=5)  # half of it free: refilled
+        _no_event(sub, 0.5)
+        assert sub.ack([m["deliveryId"] for m in first[2:] + second]) == 4
+        third = _events(sub, 2, timeout=5)
+        assert sub.ack([m["deliveryId"] for m in third]) == 2
+    names = [m["event"]["arguments"]["timerName"] for m in first + second + third]
+    assert sorted(names) == [f"w{i}" for i in range(8)]
+
+
+def test_due_resend_goes_out_with_less_than_half_the_window_free(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    d: DaemonProcess = daemon_factory(PROGRAM_TIMER_MAX_INFLIGHT=10, PROGRAM_TIMER_ACK_TIMEOUT=3)
+    d.start()
+    with d.client() as sub, d.client() as c:
+        sub.subscribe("resend")
+        c.command("set_timer", "my_timer", personaId="p", timerName="a", interval="0.1")
+        (a,) = _events(sub, 1)
+        received_a = time.monotonic()
+        time.sleep(1.5)
+        for i in range(9):  # pipelined: they fire together
+            c.send({"op": "command", "id": i, "commandIdn": "set_timer",
+                    "integrationIdn": "program_timer", "connectorIdn": "my_timer",
+                    "arguments": {"personaId": "p", "timerName": f"b{i}", "interval": "0.1"}})
+        for i in range(9):
+            assert c.wait_reply(i)["ok"]
+        # a's ack timeout passes while the 9 b's are in flight (1 of 10 free): a is sent again
+        # then, not once half of the window times out too (1.5 s later)
+        got = _events(sub, 10, timeout=10)
+        again = next(m for m in got if m["event"]["arguments"]["timerName"] == "a")
+        resent_after = time.monotonic() - received_a
+        assert again["deliveryId"] == a["deliveryId"] and again["attempt"] == 2
+        bs = [m for m in got if m is not again]
+        assert sorted(m["event"]["arguments"]["timerName"] for m in bs) == [
+            f"b{i}" for i in range(9)]
+        assert all(m["attempt"] == 1 for m in bs)
+        assert 2.5 < resent_after < 4.0, resent_after
+        assert sub.ack([m["deliveryId"] for m in got]) == 10
+
+
+def test_pipelined_acks_count_each_delivery_once_and_only_their_own(
+    daemon: DaemonProcess,
+) -> None:
+    with daemon.client() as one, daemon.client() as two, daemon.client() as c:
+        one.subscribe("one", persona_id="p1")
+        two.subscribe("two", persona_id="p2")
+        for i in range(3):
+            c.command("set_timer", "my_timer", personaId="p1", timerName=f"t{i}", interval="0.1")
+        c.command("set_timer", "my_timer", personaId="p2", timerName="t", interval="0.1")
+        a, b, cc = (m["deliveryId"] for m in _events(one, 3))
+        (other,) = (m["deliveryId"] for m in _events(two, 1))
+        # sent without waiting: they are written together
+        one.send({"op": "ack", "id": 101, "deliveryIds": [a, b, other]})
+        one.send({"op": "ack", "id": 102, "deliveryIds": [b, cc]})
+        one.send({"op": "ack", "id": 103, "deliveryIds": [cc, a]})
+        two.send({"op": "ack", "id": 201, "deliveryIds": [a, other]})
+        counts = [one.wait_reply(i)["result"]["acked"] for i in (101, 102, 103)]
+        assert counts == [2, 1, 0]  # the other subscription's delivery is not theirs to ack
+        assert two.wait_reply(201)["result"]["acked"] == 1
+        assert c.status()["deliveries"]["pending"] == 0

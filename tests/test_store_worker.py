@@ -1,0 +1,158 @@
+"""The store worker's grouped calls (acks, refills, subscriptions, status), on SQLite and
+PostgreSQL: calls queued together share one transaction, a failing call fails alone, a command
+ends the group, and only a group of non-durable calls commits without waiting for the disk."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, select
+
+from scheduler.clock import SystemClock
+from scheduler.commands import CommandSettings
+from scheduler.protocol import CommandRequest, decode_line
+from scheduler.worker import StoreWorker
+from store import queries
+from store.schema import subscriptions
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def worker(engine: Engine) -> Iterator[StoreWorker]:
+    w = StoreWorker(engine, CommandSettings(), SystemClock())
+    w.start()
+    yield w
+    w.stop()
+
+
+def _blocked(worker: StoreWorker) -> threading.Event:
+    """Occupy the worker until the returned event is set, so that what is queued meanwhile is
+    taken together."""
+    started, release = threading.Event(), threading.Event()
+
+    def block(conn: Connection) -> None:
+        started.set()
+        assert release.wait(10)
+
+    worker.call(block)
+    assert started.wait(10)
+    return release
+
+
+def _subscription(sid: str, runs: list[str] | None = None) -> Callable[[Connection], Connection]:
+    def create(conn: Connection) -> Connection:
+        if runs is not None:
+            runs.append(sid)
+        values = {
+            "subscription_id": sid,
+            "flow_instance_id": sid,
+            "filter_connector_idn": None,
+            "filter_persona_id": None,
+            "created_at": NOW,
+            "attached_to": None,
+            "attached_at": None,
+        }
+        assert queries.upsert_subscription(conn, values)  # a second run would not create it
+        return conn
+
+    return create
+
+
+def _subscription_ids(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(subscriptions.c.subscription_id)).scalars())
+
+
+def _result(fut: Future[Any]) -> Any:
+    return fut.result(timeout=10)
+
+
+def test_calls_queued_together_share_one_transaction(worker: StoreWorker, engine: Engine) -> None:
+    release = _blocked(worker)
+    futures = [worker.call(_subscription(f"s{i}"), durable=i % 2 == 0) for i in range(3)]
+    release.set()
+    conns = [_result(f) for f in futures]
+    assert conns[0] is conns[1] is conns[2]  # one connection, one transaction
+    assert _subscription_ids(engine) == ["s0", "s1", "s2"]
+    alone = _result(worker.call(lambda c: c))
+    assert alone is not conns[0]
+
+
+def test_a_failing_call_does_not_fail_the_others_of_its_group(
+    worker: StoreWorker, engine: Engine
+) -> None:
+    def bad(conn: Connection) -> None:
+        raise ValueError("a bug in one call")
+
+    runs: list[str] = []
+    release = _blocked(worker)
+    first = worker.call(_subscription("before", runs), durable=False)
+    failing = worker.call(bad, durable=False)
+    last = worker.call(_subscription("after", runs), durable=False)
+    release.set()
+    _result(first)
+    _result(last)
+    with pytest.raises(ValueError, match="a bug in one call"):
+        _result(failing)
+    # Run as a group first (rolled back when the bad call raised), then each on its own: the
+    # rows are there once each (the insert of a second run would conflict with the first).
+    assert runs == ["before", "before", "after"]
+    assert _subscription_ids(engine) == ["after", "before"]
+    assert worker.available
+
+
+def test_a_command_ends_the_group_and_keeps_its_place(worker: StoreWorker, engine: Engine) -> None:
+    line = json.dumps(
+        {
+            "op": "command",
+            "id": 1,
+            "commandIdn": "set_timer",
+            "integrationIdn": "program_timer",
+            "connectorIdn": "c",
+            "arguments": {"personaId": "p", "timerName": "t", "interval": "60"},
+        }
+    ).encode()
+    _, request = decode_line(line)
+    assert isinstance(request, CommandRequest)
+
+    def timer_seen(conn: Connection) -> tuple[Connection, bool]:
+        return conn, queries.get_timer(conn, "p", "t") is not None
+
+    release = _blocked(worker)
+    before = worker.call(timer_seen)
+    command = worker.command(request)
+    after = worker.call(timer_seen)
+    release.set()
+    conn_before, seen_before = _result(before)
+    assert _result(command).error is None
+    conn_after, seen_after = _result(after)
+    assert (seen_before, seen_after) == (False, True)
+    assert conn_before is not conn_after
+
+
+def test_only_a_group_of_non_durable_calls_commits_without_waiting(
+    worker: StoreWorker, engine: Engine
+) -> None:
+    if engine.dialect.name != "postgresql":
+        # SQLite: every call commits durably (synchronous=FULL); nothing to relax.
+        assert _result(worker.call(lambda c: 1, durable=False)) == 1
+        return
+
+    def setting(conn: Connection) -> str:
+        return str(conn.exec_driver_sql("SHOW synchronous_commit").scalar())
+
+    assert _result(worker.call(setting, durable=False)) == "off"
+    assert _result(worker.call(setting)) == "on"
+    release = _blocked(worker)
+    mixed = [worker.call(setting, durable=False), worker.call(setting)]
+    release.set()
+    assert [_result(f) for f in mixed] == ["on", "on"]
+    # SET LOCAL: the worker's connection is back to synchronous commits afterwards.
+    assert _result(worker.call(setting)) == "on"
