@@ -141,7 +141,7 @@ class Daemon:
             lock = SQLiteLock(path)
             lock.acquire()
             stack.callback(lock.release)
-        self.engine = make_engine(settings.database_url)
+        self.engine = make_engine(settings.database_url, name=f"program-timer {self.daemon_id}")
         stack.callback(self.engine.dispose)
         await asyncio.to_thread(upgrade, self.engine)
         now = self.clock.now()

@@ -52,7 +52,9 @@ def sqlite_path(url: URL) -> Path | None:
     return Path(url.database).resolve()
 
 
-def make_engine(url: str, *, pool_size: int = 4) -> Engine:
+def make_engine(url: str, *, pool_size: int = 4, name: str = "program-timer") -> Engine:
+    """``name`` becomes PostgreSQL's ``application_name``: the daemon's id, so the sessions
+    holding its fire claims (row locks) are visible as its own in ``pg_stat_activity``."""
     parsed = normalize_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -96,7 +98,7 @@ def make_engine(url: str, *, pool_size: int = 4) -> Engine:
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
                 "keepalives_count": 3,
-                "application_name": "program-timer",
+                "application_name": name[:63],
                 "options": "-c idle_in_transaction_session_timeout=60000",
             },
         )

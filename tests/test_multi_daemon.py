@@ -10,7 +10,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from events.client import TimerClient
 from store.db import make_engine
@@ -82,6 +82,16 @@ def test_three_daemons_fire_each_timer_exactly_once(daemon_factory) -> None:  # 
     with ds[1].client() as c:
         live = {d["daemonId"] for d in c.status()["daemons"]}
     assert live == {"A", "B", "C"}
+    # each daemon's sessions (which hold its fire claims) carry its identity
+    engine = make_engine(ds[0].database_url)
+    try:
+        with engine.connect() as conn:
+            names = {r[0] for r in conn.execute(text(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+            ))}
+    finally:
+        engine.dispose()
+    assert {"program-timer A", "program-timer B", "program-timer C"} <= names, names
 
 
 def test_sigkill_of_one_daemon_mid_burst_the_others_fire_the_rest(daemon_factory) -> None:  # type: ignore[no-untyped-def]
