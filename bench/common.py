@@ -29,8 +29,8 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from store.db import make_engine, normalize_url, upgrade
-from store.schema import events as events_table
+from program_timer.store.db import make_engine, normalize_url, upgrade
+from program_timer.store.schema import events as events_table
 
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -351,7 +351,7 @@ def daemon_command() -> list[str]:
     found = shutil.which("program-timer")
     if found:
         return [found, "serve"]
-    return [sys.executable, "-c", "from scheduler.cli import main; main()", "serve"]
+    return [sys.executable, "-c", "from program_timer.scheduler.cli import main; main()", "serve"]
 
 
 class Daemon:

@@ -36,7 +36,7 @@ from bench.common import (
     utcnow,
     wait_for_events,
 )
-from events.client import TimerClient
+from program_timer.events.client import TimerClient
 
 
 def _lead(n: int) -> float:

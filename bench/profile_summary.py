@@ -73,7 +73,8 @@ def summarize(path: Path, top: int = 25) -> str:
     ours = [
         (f, c)
         for f, c in incl_counts.most_common()
-        if any(p in f for p in ("scheduler/", "store/", "events/")) and "apscheduler/" not in f
+        if any(p in f for p in ("core/", "scheduler/", "store/", "events/"))
+        and "apscheduler/" not in f
     ]
     out += [f"    {100 * c / total:5.1f}%  {f}" for f, c in ours[:top]]
     out.append("  inclusive (libraries):")

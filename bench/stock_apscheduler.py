@@ -33,8 +33,8 @@ from bench.common import (
     from_epoch,
     summarize_ms,
 )
-from store.db import normalize_url
-from store.schema import UTCDateTime
+from program_timer.store.db import normalize_url
+from program_timer.store.schema import UTCDateTime
 
 _metadata = sa.MetaData()
 # The same columns as the daemon's own ``events`` rows.

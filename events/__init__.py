@@ -1,1 +1,2 @@
-"""Timer events: the event model, subscription routing, delivery, and a client for flow engines."""
+"""Timer events: subscriptions and at-least-once delivery (:mod:`.delivery`), and the clients
+flow engines use (:mod:`.client`, :mod:`.aio`: standard library only)."""

@@ -1,6 +1,6 @@
 """A small blocking client of the daemon's socket, for flow engines, the CLI and the tests.
 
-    from events.client import TimerClient
+    from program_timer.events.client import TimerClient
 
     with TimerClient("/run/program-timer/program-timer.sock") as client:
         client.command("set_timer", "my_timer", personaId="u1", timerName="t", interval="60")

@@ -37,10 +37,11 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
-from events.model import event_body, event_message
-from scheduler.logs import get_logger
-from store import queries
-from store.errors import StoreUnavailable
+from program_timer.core.backoff import Backoff
+from program_timer.core.event import event_body, event_message
+from program_timer.core.logs import get_logger
+from program_timer.store import queries
+from program_timer.store.errors import StoreUnavailable
 
 log = get_logger()
 
@@ -51,6 +52,11 @@ class Peer(Protocol):
     closed: bool
 
     def push(self, message: dict[str, Any]) -> None: ...
+
+    @property
+    def backlogged(self) -> bool:
+        """The peer is not reading: nothing more is pushed to it for now."""
+        ...
 
 
 class Worker(Protocol):
@@ -117,7 +123,7 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._acks: list[_PendingAck] = []
         self._ack_writer: asyncio.Task[None] | None = None
-        self.pushed = 0
+        self._backoff = Backoff("delivery_refill")
 
     async def _db(self, fn: Callable[[Connection], Any], *, durable: bool = True) -> Any:
         return await asyncio.wrap_future(self._worker.call(fn, durable=durable))
@@ -292,12 +298,13 @@ class Dispatcher:
                 await self.pump()
             except asyncio.CancelledError:
                 raise
-            except StoreUnavailable:
-                # The outage is logged once, where it is detected; pumping resumes after it.
-                await asyncio.sleep(1.0)
+            except StoreUnavailable as exc:
+                # The outage is logged once, as database_down; pumping resumes after it.
+                await asyncio.sleep(self._backoff.failed(str(exc), unavailable=True))
             except Exception as exc:
-                log.warning("delivery pump failed", action="pump_failed", reason=str(exc))
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(self._backoff.failed(repr(exc)))
+            else:
+                self._backoff.succeeded()
 
     async def pump(self) -> None:
         """Send what each attached subscription may receive now, up to its capacity: once at
@@ -305,7 +312,7 @@ class Dispatcher:
         mono = time.monotonic()
         wanted: dict[str, int] = {}
         for sid, a in list(self._attached.items()):
-            if a.peer.closed:
+            if a.peer.closed or a.peer.backlogged:
                 continue
             a.expire(mono)
             capacity = self._max_inflight - len(a.inflight)
@@ -366,7 +373,6 @@ class Dispatcher:
                         ),
                     )
                 )
-                self.pushed += 1
 
 
 def _write_acks(

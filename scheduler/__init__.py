@@ -1,3 +1,2 @@
-"""The program-timer daemon: timer rules, commands, the socket server, APScheduler wiring, CLI."""
-
-__version__ = "0.1.0"
+"""The application: the daemon's composition root, the socket server, the wire protocol, request
+handling, the fire loop, maintenance, configuration and the ``program-timer`` command."""

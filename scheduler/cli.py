@@ -13,9 +13,9 @@ from typing import Any, NoReturn
 
 import click
 
-from events.client import ClientError, ConnectionLost, EventStream, TimerClient
-from scheduler import __version__
-from scheduler.config import ConfigError, Settings, load_settings
+from program_timer import __version__
+from program_timer.events.client import ClientError, ConnectionLost, EventStream, TimerClient
+from program_timer.scheduler.config import ConfigError, Settings, load_settings
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -128,9 +128,9 @@ def main(ctx: click.Context, config: str | None, socket_path: str | None) -> Non
 @click.pass_context
 def serve(ctx: click.Context, /, **flags: Any) -> None:
     """Run the daemon in the foreground (SQLite file in the current folder by default)."""
-    from scheduler.daemon import serve as run
-    from scheduler.logs import configure, get_logger
-    from store.errors import AlreadyRunning, StoreUnavailable
+    from program_timer.core.logs import configure, get_logger
+    from program_timer.scheduler.daemon import serve as run
+    from program_timer.store.errors import AlreadyRunning, StoreUnavailable
 
     settings = _settings(ctx.obj["config"], socket=ctx.obj["socket"], **flags)
     configure(settings.log_format, settings.log_level)

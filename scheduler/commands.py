@@ -10,36 +10,40 @@ one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
+from typing import Any, Final
 
 from sqlalchemy import Connection
 
-from scheduler import rules
-from scheduler.clock import utc_iso
-from scheduler.ids import uuid4_strings
-from scheduler.protocol import (
-    COMMANDS,
-    INTEGRATION,
-    SET_COMMANDS,
+from program_timer.core import rules
+from program_timer.core.clock import utc_iso
+from program_timer.core.ids import uuid4_strings
+from program_timer.core.model import Limits, RuleError, Timer
+from program_timer.scheduler.arguments import (
     ArgumentLimits,
-    CommandRequest,
-    ProtocolError,
     parse_set_command,
     persona_and_name,
     persona_only,
     string_arguments,
+)
+from program_timer.scheduler.protocol import (
+    COMMANDS,
+    INTEGRATION,
+    SET_COMMANDS,
+    CommandRequest,
+    ProtocolError,
     timer_to_wire,
 )
-from store import queries
+from program_timer.store import queries
 
 Key = tuple[str, str]
+READ_ONLY_COMMANDS: Final = frozenset({"get_timer", "list_timers"})
 LIST_PAGE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class CommandSettings:
-    limits: rules.Limits = field(default_factory=rules.Limits)
+    limits: Limits = field(default_factory=Limits)
     arguments: ArgumentLimits = field(default_factory=ArgumentLimits)
     max_timers_per_persona: int = 1000
     connectors: frozenset[str] | None = None
@@ -53,7 +57,6 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: ProtocolError | None = None
     log: dict[str, Any] = field(default_factory=dict)
-    changed_schedule: bool = False
     due_at: datetime | None = None  # when the timer it set is next due (to wake the firing)
 
 
@@ -85,7 +88,7 @@ class _Batch:
         self.conn = conn
         self.settings = settings
         self.now = now
-        self.timers: dict[Key, rules.Timer | None] = {}
+        self.timers: dict[Key, Timer | None] = {}
         self.ids: dict[Key, int] = {}  # rows that exist in the database
         self.dirty: set[Key] = set()
         self.counts: dict[str, int] = {}
@@ -180,7 +183,7 @@ def apply_batch(
             continue
         try:
             outcome = _apply_one(batch, req, act_id, args)
-        except rules.RuleError as err:
+        except RuleError as err:
             outcome = Outcome(error=ProtocolError(err.code, err.message, err.field))
         except ProtocolError as err:
             outcome = Outcome(error=err)
@@ -195,101 +198,116 @@ def apply_batch(
 
 
 def _apply_one(batch: _Batch, req: CommandRequest, act_id: str, args: dict[str, str]) -> Outcome:
-    settings, now = batch.settings, batch.now
     cmd = req.commandIdn
     if cmd in SET_COMMANDS:
-        set_cmd = parse_set_command(cmd, req.connectorIdn, args, act_id, settings.arguments)
-        key = (set_cmd.persona_id, set_cmd.timer_name)
-        if key not in batch.timers:
-            batch.preload([key], [key[0]], [])
-        existing = batch.timers[key]
-        if existing is None:
-            count = batch.counts.get(key[0], 0)
-            if count >= settings.max_timers_per_persona:
-                raise ProtocolError(
-                    "quota_exceeded",
-                    f"persona {key[0]!r} already has {count} timers, the most allowed "
-                    f"(PROGRAM_TIMER_MAX_TIMERS_PER_PERSONA={settings.max_timers_per_persona})",
-                    "timerName",
-                )
-        timer, warnings = rules.apply_set(existing, set_cmd, now, settings.limits)
-        if existing is None:
-            batch.counts[key[0]] = batch.counts.get(key[0], 0) + 1
-        batch.timers[key] = timer
-        batch.dirty.add(key)
-        return Outcome(
-            result={"commandActId": act_id, "timer": timer_to_wire(timer), "warnings": warnings},
-            log={
-                "action": "timer_set",
-                "created": existing is None,
-                "state": timer.state,
-                "next_fire_at": utc_iso(timer.due_at),
-            },
-            changed_schedule=True,
-            due_at=timer.due_at,
-        )
-    if cmd == "get_timer":
-        key = persona_and_name(args)
-        if key not in batch.timers:
-            batch.preload([key], [], [])
-        found = batch.timers[key]
-        if found is None:
+        return _set_timer(batch, req, act_id, args)
+    return _OTHERS[cmd](batch, act_id, args)
+
+
+def _set_timer(batch: _Batch, req: CommandRequest, act_id: str, args: dict[str, str]) -> Outcome:
+    settings = batch.settings
+    set_cmd = parse_set_command(req.commandIdn, req.connectorIdn, args, act_id, settings.arguments)
+    key = (set_cmd.persona_id, set_cmd.timer_name)
+    if key not in batch.timers:
+        batch.preload([key], [key[0]], [])
+    existing = batch.timers[key]
+    if existing is None:
+        count = batch.counts.get(key[0], 0)
+        if count >= settings.max_timers_per_persona:
             raise ProtocolError(
-                "not_found", f"persona {key[0]!r} has no timer named {key[1]!r}", "timerName"
+                "quota_exceeded",
+                f"persona {key[0]!r} already has {count} timers, the most allowed "
+                f"(PROGRAM_TIMER_MAX_TIMERS_PER_PERSONA={settings.max_timers_per_persona})",
+                "timerName",
             )
-        return Outcome(
-            result={"commandActId": act_id, "timer": timer_to_wire(found), "warnings": []}
+    timer, warnings = rules.apply_set(existing, set_cmd, batch.now, settings.limits)
+    if existing is None:
+        batch.counts[key[0]] = batch.counts.get(key[0], 0) + 1
+    batch.timers[key] = timer
+    batch.dirty.add(key)
+    return Outcome(
+        result={"commandActId": act_id, "timer": timer_to_wire(timer), "warnings": warnings},
+        log={
+            "action": "timer_set",
+            "created": existing is None,
+            "state": timer.state,
+            "next_fire_at": utc_iso(timer.due_at),
+        },
+        due_at=timer.due_at,
+    )
+
+
+def _get_timer(batch: _Batch, act_id: str, args: dict[str, str]) -> Outcome:
+    key = persona_and_name(args)
+    if key not in batch.timers:
+        batch.preload([key], [], [])
+    found = batch.timers[key]
+    if found is None:
+        raise ProtocolError(
+            "not_found", f"persona {key[0]!r} has no timer named {key[1]!r}", "timerName"
         )
-    if cmd == "delete_timer":
-        key = persona_and_name(args)
-        if key not in batch.timers:
-            batch.preload([key], [key[0]], [])
-        removed = batch.timers.get(key) is not None
-        if removed:
-            batch.timers[key] = None
-            batch.dirty.add(key)
-            batch.counts[key[0]] = max(0, batch.counts.get(key[0], 1) - 1)
-        return Outcome(
-            result={"commandActId": act_id, "removed": removed, "warnings": []},
-            log={"action": "timer_deleted", "removed": removed},
-            changed_schedule=removed,
-        )
-    if cmd == "list_timers":
-        persona_id = persona_only(args)
-        limit = _limit(args.get("limit"), settings.list_limit_max)
-        after = args.get("after")
-        batch.flush()
-        batch.timers.clear()
-        batch.ids.clear()
-        found_list = queries.list_timers(batch.conn, persona_id, after, limit + 1)
-        more = len(found_list) > limit
-        found_list = found_list[:limit]
-        # A page also stops at about LIST_PAGE_BYTES of reply (at least one timer).
-        size = 0
-        for i, timer in enumerate(found_list):
-            size += 512 + sum(len(k) + len(v) for k, v in timer.arguments.items())
-            if size > LIST_PAGE_BYTES and i > 0:
-                found_list, more = found_list[:i], True
-                break
-        return Outcome(
-            result={
-                "commandActId": act_id,
-                "timers": [timer_to_wire(t) for t in found_list],
-                "nextAfter": found_list[-1].timer_name if more and found_list else None,
-                "warnings": [],
-            }
-        )
-    if cmd == "delete_timers":
-        persona_id = persona_only(args)
-        batch.flush()
-        batch.forget_persona(persona_id)
-        removed_n = queries.delete_persona_timers(batch.conn, persona_id)
-        return Outcome(
-            result={"commandActId": act_id, "removed": removed_n, "warnings": []},
-            log={"action": "persona_timers_deleted", "removed": removed_n},
-            changed_schedule=bool(removed_n),
-        )
-    raise AssertionError(cmd)  # pragma: no cover - check_envelope refused it
+    return Outcome(result={"commandActId": act_id, "timer": timer_to_wire(found), "warnings": []})
+
+
+def _delete_timer(batch: _Batch, act_id: str, args: dict[str, str]) -> Outcome:
+    key = persona_and_name(args)
+    if key not in batch.timers:
+        batch.preload([key], [key[0]], [])
+    removed = batch.timers.get(key) is not None
+    if removed:
+        batch.timers[key] = None
+        batch.dirty.add(key)
+        batch.counts[key[0]] = max(0, batch.counts.get(key[0], 1) - 1)
+    return Outcome(
+        result={"commandActId": act_id, "removed": removed, "warnings": []},
+        log={"action": "timer_deleted", "removed": removed},
+    )
+
+
+def _list_timers(batch: _Batch, act_id: str, args: dict[str, str]) -> Outcome:
+    persona_id = persona_only(args)
+    limit = _limit(args.get("limit"), batch.settings.list_limit_max)
+    after = args.get("after")
+    batch.flush()
+    batch.timers.clear()
+    batch.ids.clear()
+    found = queries.list_timers(batch.conn, persona_id, after, limit + 1)
+    more = len(found) > limit
+    found = found[:limit]
+    # A page also stops at about LIST_PAGE_BYTES of reply (at least one timer).
+    size = 0
+    for i, timer in enumerate(found):
+        size += 512 + sum(len(k) + len(v) for k, v in timer.arguments.items())
+        if size > LIST_PAGE_BYTES and i > 0:
+            found, more = found[:i], True
+            break
+    return Outcome(
+        result={
+            "commandActId": act_id,
+            "timers": [timer_to_wire(t) for t in found],
+            "nextAfter": found[-1].timer_name if more and found else None,
+            "warnings": [],
+        }
+    )
+
+
+def _delete_timers(batch: _Batch, act_id: str, args: dict[str, str]) -> Outcome:
+    persona_id = persona_only(args)
+    batch.flush()
+    batch.forget_persona(persona_id)
+    removed = queries.delete_persona_timers(batch.conn, persona_id)
+    return Outcome(
+        result={"commandActId": act_id, "removed": removed, "warnings": []},
+        log={"action": "persona_timers_deleted", "removed": removed},
+    )
+
+
+_OTHERS: Final = {
+    "get_timer": _get_timer,
+    "delete_timer": _delete_timer,
+    "list_timers": _list_timers,
+    "delete_timers": _delete_timers,
+}
 
 
 def _limit(value: str | None, maximum: int) -> int:
@@ -302,7 +320,3 @@ def _limit(value: str | None, maximum: int) -> int:
             "limit",
         )
     return int(value)
-
-
-def purge_before(now: datetime, seconds: float) -> datetime:
-    return now - timedelta(seconds=seconds)

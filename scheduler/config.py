@@ -19,6 +19,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 ENV_PREFIX = "PROGRAM_TIMER_"
 
@@ -54,7 +56,22 @@ def _id_list(value: Any) -> list[int] | None:
     return out
 
 
+DAY = 86400.0
+YEAR = 365 * DAY
+SUN_PATH_MAX = 107  # bytes of an AF_UNIX path (sun_path is 108, with its terminating NUL)
+
+
+def _seconds(default: float | None, low: float, high: float, *, open_low: bool = True) -> Any:
+    """A finite number of seconds within (low, high] (or [low, high])."""
+    if open_low:
+        return Field(default=default, gt=low, le=high, allow_inf_nan=False)
+    return Field(default=default, ge=low, le=high, allow_inf_nan=False)
+
+
 class Settings(BaseSettings):
+    """Every setting, with the range that makes sense for it: a value outside stops the start
+    with a message naming the setting (``inf``, ``nan`` and absurd values included)."""
+
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
     )
@@ -67,25 +84,28 @@ class Settings(BaseSettings):
     allowed_uids: str | None = None
     allowed_gids: str | None = None
     timezone: str = "UTC"
-    min_interval: float = Field(default=1.0, gt=0)
-    max_timers_per_persona: int = Field(default=1000, ge=1)
-    ack_timeout: float = Field(default=30.0, gt=0)
-    retention: float = Field(default=604800.0, gt=0)
-    misfire_grace: float | None = Field(default=None, ge=0)
+    min_interval: float = _seconds(1.0, 0, DAY)
+    max_timers_per_persona: int = Field(default=1000, ge=1, le=10_000_000)
+    ack_timeout: float = _seconds(30.0, 0, DAY)
+    retention: float = _seconds(604800.0, 0, 10 * YEAR)
+    misfire_grace: float | None = _seconds(None, 0, 10 * YEAR, open_low=False)
+    database_timeout: float = _seconds(5.0, 0, 600)
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Beyond SPEC 5: limits and tuning, all with defaults an operator rarely changes.
     connectors: str | None = None
-    max_connections: int = Field(default=1024, ge=1)
-    max_arguments: int = Field(default=64, ge=1)
-    max_argument_length: int = Field(default=65536, ge=1)
-    max_arguments_size: int = Field(default=262144, ge=1)
-    max_inflight: int = Field(default=100, ge=1)
-    max_pipeline: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    backlog: int = Field(default=1024, ge=1, le=65535)
+    max_arguments: int = Field(default=64, ge=1, le=10_000)
+    max_argument_length: int = Field(default=65536, ge=1, le=1024 * 1024)
+    max_arguments_size: int = Field(default=262144, ge=1, le=1024 * 1024)
+    max_inflight: int = Field(default=100, ge=1, le=100_000)
+    max_pipeline: int = Field(default=1000, ge=1, le=100_000)
     fire_batch_size: int = Field(default=1000, ge=1, le=10000)
     command_batch_size: int = Field(default=512, ge=1, le=10000)
-    poll_interval: float = Field(default=5.0, gt=0)
-    daemon_id: str | None = None
+    poll_interval: float = _seconds(5.0, 0, 3600)
+    shutdown_grace: float = _seconds(10.0, 0, 600)
+    daemon_id: str | None = Field(default=None, min_length=1, max_length=64)
 
     @classmethod
     def settings_customise_sources(
@@ -133,7 +153,28 @@ class Settings(BaseSettings):
     def _url(cls, value: str) -> str:
         if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
             raise ValueError("expected sqlite:///path/to/file.db or postgresql://user@host/dbname")
+        try:
+            url = make_url(value.replace("postgres://", "postgresql://", 1))
+            _ = url.port  # a port that is not a number fails here
+        except (ValueError, ArgumentError) as exc:
+            raise ValueError(f"not a database URL: {exc}") from None
         return value
+
+    @field_validator("socket")
+    @classmethod
+    def _socket_path(cls, value: str) -> str:
+        if not value or len(os.fsencode(value)) > SUN_PATH_MAX:
+            raise ValueError(
+                f"a Unix socket path is 1 to {SUN_PATH_MAX} bytes; this one has "
+                f"{len(os.fsencode(value))}: choose a shorter folder"
+            )
+        return value
+
+    @property
+    def database_url_given(self) -> bool:
+        """Whether the database URL was set (flag, environment or file) rather than the
+        default: only the default location's folder may be created at start."""
+        return "database_url" in self.model_fields_set
 
     @property
     def mode(self) -> int:

@@ -1,20 +1,39 @@
-"""Firing due timers: one transaction per batch claims the timers, records one event per fire,
-routes it to the matching subscriptions as delivery rows, and advances or completes the timers.
+"""The fire loop: due timers fired in batches, one transaction each.
+
+:func:`fire_batch` is one batch: it claims the due timers, records one event per fire, routes it
+to the matching subscriptions as delivery rows, and advances or completes the timers, all in the
+caller's transaction. :class:`FireLoop` runs batches until nothing is due (APScheduler's
+``firing`` executor calls :meth:`FireLoop.fire_pass` through the job store), retries a failing
+batch with backoff, and logs and counts what fired.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
-from events.model import event_arguments
-from events.routing import Router
-from scheduler import rules
-from scheduler.clock import utc_iso
-from scheduler.ids import uuid4_strings
-from store import queries
+from program_timer.core import logs, rules
+from program_timer.core.backoff import Backoff
+from program_timer.core.clock import Clock, utc_iso
+from program_timer.core.event import event_arguments
+from program_timer.core.ids import uuid4_strings
+from program_timer.core.model import FIRED, Timer
+from program_timer.core.routing import Router
+from program_timer.scheduler.metrics import Metrics
+from program_timer.store import queries
+from program_timer.store.db import transaction
+from program_timer.store.errors import Conflict, StoreError, StoreUnavailable
+from program_timer.store.notify import DELIVERIES, notify
+
+log = logs.get_logger()
+
+STEADY_WINDOW = 0.02  # seconds: a timer due this soon after a batch is waited for in the pass
 
 
 @dataclass
@@ -43,54 +62,24 @@ def fire_batch(
     router = Router(queries.all_subscriptions(conn))
     now_iso = utc_iso(now)
     external_ids = iter(uuid4_strings(len(due)))
-    timer_updates = []
+    timer_updates: list[dict[str, Any]] = []
     completed: list[int] = []
-    event_rows = []
+    event_rows: list[dict[str, Any]] = []
     routes: list[list[str]] = []
     for timer in due:
         outcome = rules.fire(timer, now, misfire_grace)
-        if outcome.fired and outcome.state == rules.FIRED and timer.id is not None:
+        if outcome.fired and outcome.state == FIRED and timer.id is not None:
             completed.append(timer.id)  # the common one-shot case: one UPDATE for all
         else:
-            timer_updates.append(
-                {
-                    "_id": timer.id,
-                    "planned_at": outcome.planned_at,
-                    "due_at": outcome.due_at,
-                    "state": outcome.state,
-                    "fire_count": outcome.fire_count,
-                    "last_fired_at": outcome.last_fired_at,
-                }
-            )
+            timer_updates.append(_fired_update(timer, outcome))
         result.dropped += outcome.dropped
         if not outcome.fired:
             continue
         external_id = next(external_ids)
         subs = router.match(timer.connector_idn, timer.persona_id) if router else []
         routes.append(subs)
-        event_rows.append(
-            {
-                "external_event_id": external_id,
-                "persona_id": timer.persona_id,
-                "timer_name": timer.timer_name,
-                "connector_idn": timer.connector_idn,
-                "command_act_id": timer.command_act_id,
-                "scheduled_at": outcome.scheduled_at,
-                "fired_at": now,
-                "fire_count": outcome.fire_count,
-                "missed_count": outcome.missed_count,
-                "arguments": event_arguments(
-                    timer,
-                    outcome.scheduled_at,
-                    now,
-                    outcome.fire_count,
-                    outcome.missed_count,
-                    now_iso,
-                ),
-                "routed": len(subs),
-                "fired_by": daemon_id,
-            }
-        )
+        event_rows.append(_event_row(timer, outcome, now, now_iso, external_id, daemon_id))
+        event_rows[-1]["routed"] = len(subs)
         # Lateness counts from when the fire became due: a past fireAt is due from its command.
         became_due = max(outcome.scheduled_at, timer.updated_at)
         result.lateness.append(max(0.0, (now - became_due).total_seconds()))
@@ -100,23 +89,183 @@ def fire_batch(
     queries.complete_one_shots(conn, completed, now)
     queries.update_fired(conn, timer_updates)
     if event_rows:
-        event_ids = queries.allocate_event_ids(conn, len(event_rows))
-        for row, event_id in zip(event_rows, event_ids, strict=True):
-            row["id"] = event_id
-        queries.insert_events(conn, event_rows)
-        delivery_rows = [
-            {
-                "subscription_id": sub,
-                "event_id": event_id,
-                "attempt": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-            }
-            for event_id, subs in zip(event_ids, routes, strict=True)
-            for sub in subs
-        ]
-        queries.insert_deliveries(conn, delivery_rows)
-        result.deliveries = len(delivery_rows)
+        result.deliveries = _record_events(conn, event_rows, routes, now)
         result.unrouted = sum(1 for subs in routes if not subs)
     result.fired = len(event_rows)
     return result
+
+
+def _fired_update(timer: Timer, outcome: rules.FireOutcome) -> dict[str, Any]:
+    return {
+        "_id": timer.id,
+        "planned_at": outcome.planned_at,
+        "due_at": outcome.due_at,
+        "state": outcome.state,
+        "fire_count": outcome.fire_count,
+        "last_fired_at": outcome.last_fired_at,
+    }
+
+
+def _event_row(
+    timer: Timer,
+    outcome: rules.FireOutcome,
+    now: datetime,
+    now_iso: str | None,
+    external_id: str,
+    daemon_id: str,
+) -> dict[str, Any]:
+    return {
+        "external_event_id": external_id,
+        "persona_id": timer.persona_id,
+        "timer_name": timer.timer_name,
+        "connector_idn": timer.connector_idn,
+        "command_act_id": timer.command_act_id,
+        "scheduled_at": outcome.scheduled_at,
+        "fired_at": now,
+        "fire_count": outcome.fire_count,
+        "missed_count": outcome.missed_count,
+        "arguments": event_arguments(
+            timer, outcome.scheduled_at, now, outcome.fire_count, outcome.missed_count, now_iso
+        ),
+        "routed": 0,
+        "fired_by": daemon_id,
+    }
+
+
+def _record_events(
+    conn: Connection, event_rows: list[dict[str, Any]], routes: list[list[str]], now: datetime
+) -> int:
+    """Insert the events and one delivery per (event, matching subscription); how many."""
+    event_ids = queries.allocate_event_ids(conn, len(event_rows))
+    for row, event_id in zip(event_rows, event_ids, strict=True):
+        row["id"] = event_id
+    queries.insert_events(conn, event_rows)
+    delivery_rows = [
+        {
+            "subscription_id": sub,
+            "event_id": event_id,
+            "attempt": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for event_id, subs in zip(event_ids, routes, strict=True)
+        for sub in subs
+    ]
+    queries.insert_deliveries(conn, delivery_rows)
+    return len(delivery_rows)
+
+
+class FireLoop:
+    """Fire passes: batches until nothing is due, retried with backoff while they fail."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        daemon_id: str,
+        batch_size: int,
+        misfire_grace: float | None,
+        fired: Callable[[], None],
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._metrics = metrics
+        self._daemon_id = daemon_id
+        self._batch_size = batch_size
+        self._misfire_grace = misfire_grace
+        self._fired_hook = fired
+        self._stop = threading.Event()
+        self.backoff = Backoff("fire_pass")
+        self._reported = (0, 0)
+
+    def stop(self) -> None:
+        """No new batch starts; a pass waiting to retry returns at once."""
+        self._stop.set()
+
+    def fire_pass(self) -> None:
+        """Fire everything due, in batches of one transaction each. A timer due within
+        STEADY_WINDOW of the last batch is waited for here rather than through a round trip of
+        the scheduler: a steady stream of fires then costs one transaction per fire and no
+        thread hand-over. A failing batch is retried here, with backoff, until it succeeds or
+        the daemon stops (the scheduler starts no other pass meanwhile)."""
+        while not self._stop.is_set():
+            try:
+                result, next_due = self._one_batch()
+            except Conflict:
+                continue  # another daemon took some of the rows first: claim again at once
+            except StoreUnavailable as exc:
+                self._stop.wait(self.backoff.failed(str(exc), unavailable=True))
+                continue
+            except StoreError as exc:
+                self._stop.wait(self.backoff.failed(str(exc)))
+                continue
+            except Exception as exc:  # a bug: logged once, retried like a failure
+                log.exception("fire pass failed", action="fire_pass_error")
+                self._stop.wait(self.backoff.failed(repr(exc)))
+                continue
+            self.backoff.succeeded()
+            self._record(result)
+            if result.claimed >= self._batch_size:
+                continue
+            if next_due is None:
+                return
+            wait = (next_due - self._clock.now()).total_seconds()
+            if wait > STEADY_WINDOW:
+                return
+            if wait > 0:
+                self._stop.wait(wait)
+
+    def _one_batch(self) -> tuple[BatchResult, datetime | None]:
+        now = self._clock.now()
+        with transaction(self._engine) as conn:
+            result = fire_batch(conn, now, self._batch_size, self._daemon_id, self._misfire_grace)
+            if result.deliveries:
+                notify(conn, DELIVERIES, self._daemon_id)
+            full = result.claimed >= self._batch_size
+            return result, None if full else queries.next_due_at(conn)
+
+    def _record(self, result: BatchResult) -> None:
+        self._metrics.record_batch(result.fired, result.dropped, result.lateness)
+        if result.fired:
+            self._fired_hook()
+        if logs.enabled(logging.DEBUG):
+            for persona, name, connector, external_id in result.fired_timers:
+                log.debug(
+                    "timer fired",
+                    action="timer_fired",
+                    persona=persona,
+                    timer=name,
+                    connector=connector,
+                    external_event_id=external_id,
+                )
+            if result.fired:
+                log.debug(
+                    "fired",
+                    action="batch_fired",
+                    fired=result.fired,
+                    deliveries=result.deliveries,
+                    unrouted=result.unrouted,
+                    dropped=result.dropped,
+                )
+        if result.dropped:
+            log.warning(
+                "late fires dropped (misfire grace)", action="fires_dropped", dropped=result.dropped
+            )
+
+    def report(self) -> None:
+        """Once a minute at info: what fired since the last report (fires are debug lines)."""
+        fires, dropped = self._metrics.fires, self._metrics.dropped
+        last_fires, last_dropped = self._reported
+        self._reported = (fires, dropped)
+        if fires > last_fires or dropped > last_dropped:
+            lateness = self._metrics.lateness()
+            log.info(
+                "fires in the last minute",
+                action="fires_summary",
+                fired=fires - last_fires,
+                dropped=dropped - last_dropped,
+                lateness_p99_ms=lateness["p99Ms"],
+                lateness_max_ms=lateness["maxMs"],
+            )

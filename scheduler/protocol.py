@@ -1,18 +1,15 @@
-"""The local socket protocol of SPEC 2, in one place.
+"""The wire envelope of the local socket protocol (docs/protocol.md): requests, replies, errors.
 
 One JSON object per line. Requests are validated by the pydantic models below into exactly one
-:class:`ProtocolError`; replies and pushed events are plain dicts built by the functions here.
+:class:`ProtocolError`; replies are plain dicts built by the functions here. The arguments of a
+``command`` are parsed apart, in :mod:`program_timer.scheduler.arguments`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -26,8 +23,8 @@ from pydantic import (
     ValidationError,
 )
 
-from scheduler.clock import utc_iso
-from scheduler.rules import EVENT_ARGUMENT_KEYS, SetCommand, Timer, format_interval
+from program_timer.core.clock import utc_iso
+from program_timer.core.model import Timer, format_interval
 
 MAX_LINE: Final = 1024 * 1024
 INTEGRATION: Final = "program_timer"
@@ -245,223 +242,6 @@ def error_reply(rid: Any, err: ProtocolError) -> dict[str, Any]:
 
 def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-
-
-# --- command arguments (SPEC 1.1) -----------------------------------------------------------
-
-_FIRE_AT = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?"
-    r"(Z|z|[+-]\d{2}:?\d{2})?$"
-)
-_NUMBER = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)\s*$")
-FIRE_AT_FORMAT: Final = "YYYY-MM-DD[T]HH:MM[:SS[.ffffff]][Z or ±HH[:]MM]"
-
-
-def argument_string(key: str, value: Any) -> str:
-    """Arguments are strings; JSON numbers and booleans mean their string form."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ProtocolError(
-                "invalid_argument", f"{key}: expected a finite number, got {value!r}", key
-            )
-        return format_interval(value) or repr(value)
-    raise ProtocolError(
-        "invalid_argument",
-        f"{key}: expected a string (or a number or boolean), got {type(value).__name__}",
-        key,
-    )
-
-
-def _bad(key: str, given: str, expected: str) -> ProtocolError:
-    shown = given if len(given) <= 80 else given[:77] + "..."
-    return ProtocolError("invalid_argument", f"{key}: got {shown!r}, expected {expected}", key)
-
-
-def parse_bool(key: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered == "true":
-        return True
-    if lowered == "false":
-        return False
-    raise _bad(key, value, '"true" or "false"')
-
-
-def parse_interval(value: str) -> float:
-    if not _NUMBER.match(value):
-        raise _bad("interval", value, 'a positive number of seconds, like "120" or "0.5"')
-    seconds = float(value)
-    if not seconds > 0 or seconds > 10 * 365 * 86400:
-        raise _bad("interval", value, "a positive number of seconds, at most ten years")
-    return seconds
-
-
-def parse_timezone(value: str) -> ZoneInfo:
-    try:
-        if not value or value.startswith(("/", ".")) or ".." in value:
-            raise ValueError
-        return ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise _bad("timezone", value, 'an IANA time zone name like "Europe/Paris"') from exc
-
-
-def parse_fire_at(value: str, tz: ZoneInfo) -> datetime:
-    m = _FIRE_AT.match(value.strip())
-    if not m:
-        raise _bad("fireAt", value, FIRE_AT_FORMAT)
-    year, month, day, hour, minute = (int(m.group(i)) for i in range(1, 6))
-    second = int(m.group(6) or 0)
-    micro = int((m.group(7) or "0").ljust(6, "0"))
-    offset = m.group(8)
-    try:
-        if offset is None:
-            local = datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
-            return local.astimezone(UTC)
-        naive = datetime(year, month, day, hour, minute, second, micro)
-        if offset in ("Z", "z"):
-            return naive.replace(tzinfo=UTC)
-        sign = 1 if offset[0] == "+" else -1
-        digits = offset[1:].replace(":", "")
-        oh, om = int(digits[:2]), int(digits[2:])
-        if oh > 23 or om > 59:
-            raise ValueError("offset out of range")
-        from datetime import timedelta, timezone
-
-        return naive.replace(tzinfo=timezone(sign * timedelta(hours=oh, minutes=om))).astimezone(
-            UTC
-        )
-    except (ValueError, OverflowError) as exc:
-        raise _bad("fireAt", value, f"a real date and time, {FIRE_AT_FORMAT}") from exc
-
-
-RULE_ARGUMENTS: Final = frozenset(
-    {"personaId", "timerName", "fireAt", "interval", "repeatable", "enabled", "timezone"}
-)
-
-
-class ArgumentLimits(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    max_arguments: int = 64
-    max_argument_length: int = 65536
-    max_arguments_size: int = 262144
-    default_timezone: str = "UTC"
-
-
-def _name(args: dict[str, str], key: str) -> str:
-    value = args.get(key)
-    if value is None:
-        raise ProtocolError("invalid_argument", f"{key} is required", key)
-    if not 1 <= len(value) <= 255:
-        raise _bad(key, value, "1 to 255 characters")
-    return value
-
-
-def string_arguments(raw: dict[str, Any], limits: ArgumentLimits) -> dict[str, str]:
-    if len(raw) > limits.max_arguments:
-        raise ProtocolError(
-            "invalid_argument",
-            f"arguments: {len(raw)} given, at most {limits.max_arguments} are accepted",
-            "arguments",
-        )
-    out: dict[str, str] = {}
-    total = 0
-    for key, value in raw.items():
-        if not key or len(key) > 255 or "\x00" in key:
-            raise ProtocolError(
-                "invalid_argument",
-                "argument names are 1 to 255 characters, without NUL",
-                "arguments",
-            )
-        text = argument_string(key, value)
-        if "\x00" in text:
-            raise ProtocolError(
-                "invalid_argument", f"{key}: NUL characters are not accepted", key
-            )
-        if len(text) > limits.max_argument_length:
-            raise ProtocolError(
-                "invalid_argument",
-                f"{key}: {len(text)} characters, at most {limits.max_argument_length}",
-                key,
-            )
-        total += len(key) + len(text)
-        if total > limits.max_arguments_size:
-            raise ProtocolError(
-                "invalid_argument",
-                f"arguments: more than {limits.max_arguments_size} characters in all "
-                "(PROGRAM_TIMER_MAX_ARGUMENTS_SIZE)",
-                "arguments",
-            )
-        out[key] = text
-    return out
-
-
-def persona_and_name(args: dict[str, str]) -> tuple[str, str]:
-    return _name(args, "personaId"), _name(args, "timerName")
-
-
-def persona_only(args: dict[str, str]) -> str:
-    return _name(args, "personaId")
-
-
-def parse_set_command(
-    command_idn: str,
-    connector_idn: str,
-    args: dict[str, str],
-    command_act_id: str,
-    limits: ArgumentLimits,
-) -> SetCommand:
-    """Validate the arguments of ``set_timer``/``set_repeatable_timer`` (SPEC 1.1)."""
-    persona_id, timer_name = persona_and_name(args)
-    given: set[str] = set()
-    repeatable = False
-    if command_idn == "set_repeatable_timer":
-        repeatable = True
-        given.add("repeatable")
-        if "repeatable" in args and not parse_bool("repeatable", args["repeatable"]):
-            raise _bad("repeatable", args["repeatable"], '"true" (set_repeatable_timer repeats)')
-    elif "repeatable" in args:
-        repeatable = parse_bool("repeatable", args["repeatable"])
-        given.add("repeatable")
-    enabled = True
-    if "enabled" in args:
-        enabled = parse_bool("enabled", args["enabled"])
-        given.add("enabled")
-    interval = None
-    if "interval" in args:
-        interval = parse_interval(args["interval"])
-        given.add("interval")
-    tz_name = args.get("timezone")
-    tz = parse_timezone(tz_name) if tz_name is not None else ZoneInfo(limits.default_timezone)
-    fire_at = None
-    if "fireAt" in args:
-        fire_at = parse_fire_at(args["fireAt"], tz)
-        given.add("fireAt")
-    extra = {k: v for k, v in args.items() if k not in RULE_ARGUMENTS}
-    for key in extra:
-        if key in EVENT_ARGUMENT_KEYS:
-            raise ProtocolError(
-                "invalid_argument",
-                f"{key}: the fired event sets this argument itself; choose another name",
-                key,
-            )
-    return SetCommand(
-        persona_id=persona_id,
-        timer_name=timer_name,
-        connector_idn=connector_idn,
-        command_act_id=command_act_id,
-        fire_at=fire_at,
-        timezone=tz_name,
-        interval=interval,
-        repeatable=repeatable,
-        enabled=enabled,
-        extra=extra or None,
-        given=frozenset(given),
-    )
 
 
 def timer_to_wire(timer: Timer) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-from scheduler.logs import get_logger
-from scheduler.protocol import MAX_LINE, ProtocolError, encode, error_reply
+from program_timer.core.logs import get_logger
+from program_timer.scheduler.protocol import MAX_LINE, ProtocolError, encode, error_reply
 
 log = get_logger()
 
@@ -34,9 +34,10 @@ Handler = Callable[["ClientConnection", bytes], Awaitable[dict[str, Any]]]
 READ_CHUNK: Final = 64 * 1024
 """Bytes read from a connection at a time; the stream pauses the socket at twice this."""
 PIPELINE_BYTES: Final = 2 * 1024 * 1024
+"""Unanswered request bytes plus unwritten reply and event bytes a connection may hold (beyond
+one)."""
 INITIAL_REPLY_ESTIMATE: Final = PIPELINE_BYTES // 16
 MIN_REPLY_ESTIMATE: Final = 256
-"""Unanswered request bytes plus unwritten reply bytes a connection may hold (beyond one)."""
 LINE_TIMEOUT: Final = 60.0
 """Seconds a started request line may take to be finished before the connection is dropped."""
 DROP_GRACE: Final = 5.0
@@ -61,8 +62,9 @@ class ClientConnection:
         self.closed = False
         self.pid, self.uid, self.gid = peer_credentials(writer)
         self.max_pipeline = max_pipeline
-        # The pipeline: reply futures in request order, and the bytes they hold.
-        self.pending: deque[asyncio.Future[bytes]] = deque()
+        # The pipeline: replies (futures) in request order and pushed events (their bytes),
+        # and the bytes they hold.
+        self.pending: deque[asyncio.Future[bytes] | bytes] = deque()
         self.pending_bytes = 0
         # Requests whose reply is not computed yet hold no bytes, but will: each is counted
         # at an estimate of the reply size that starts high (a new connection has 16 requests
@@ -77,8 +79,18 @@ class ClientConnection:
         self.work = asyncio.Event()  # set by the reader when it adds to the pipeline
 
     def push(self, message: dict[str, Any]) -> None:
+        """Queue a message the client did not ask for (an event), after the replies already
+        queued; it counts in the connection's byte budget like a reply."""
         if not self.closed:
-            self.writer.write(encode(message))
+            data = encode(message)
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            self.work.set()
+
+    @property
+    def backlogged(self) -> bool:
+        """The client is not reading what it was sent: push nothing more for now."""
+        return self.pending_bytes >= PIPELINE_BYTES
 
     def close(self) -> None:
         if not self.closed:
@@ -182,6 +194,7 @@ class SocketServer:
         max_pipeline: int,
         on_disconnect: Callable[[ClientConnection], Awaitable[None]],
         line_timeout: float = LINE_TIMEOUT,
+        backlog: int = 1024,
     ) -> None:
         self._handler = handler
         self.path = path
@@ -192,6 +205,7 @@ class SocketServer:
         self._max_pipeline = max_pipeline
         self._on_disconnect = on_disconnect
         self._line_timeout = line_timeout
+        self._backlog = backlog
         self._server: asyncio.AbstractServer | None = None
         self._owns_path = False
         self.connections: set[ClientConnection] = set()
@@ -211,13 +225,18 @@ class SocketServer:
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
-                self._client, path=self.path, limit=READ_CHUNK
+                self._client, path=self.path, limit=READ_CHUNK, backlog=self._backlog
             )
         finally:
             os.umask(old_umask)
         os.chmod(self.path, self._mode)
         self._owns_path = True
         log.info("listening", action="listening", socket=self.path, mode=oct(self._mode))
+
+    async def stop(self) -> None:
+        """Stop accepting, then close every connection (their last replies are flushed)."""
+        await self.stop_accepting()
+        await self.close_all()
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
@@ -295,7 +314,7 @@ class SocketServer:
             self._tasks.discard(task)
 
     async def _refuse(self, conn: ClientConnection, code: str, message: str) -> None:
-        conn.push(error_reply(None, ProtocolError(code, message)))
+        conn.writer.write(encode(error_reply(None, ProtocolError(code, message))))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(conn.writer.drain(), 1.0)
         conn.close()
@@ -379,11 +398,9 @@ class SocketServer:
         """Queue the last reply of a dropped client (beyond the pipeline's bounds: one line)."""
         if conn.closed:
             return
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         data = encode(error_reply(None, ProtocolError(code, message)))
-        fut.set_result(data)
         conn.pending_bytes += len(data)
-        conn.pending.append(fut)
+        conn.pending.append(data)
         conn.work.set()
 
     async def _answer(self, conn: ClientConnection, line: bytes) -> bytes:
@@ -410,7 +427,8 @@ class SocketServer:
                     conn.work.clear()
                     await conn.work.wait()
                     continue
-                data = await conn.pending[0]
+                head = conn.pending[0]
+                data = head if isinstance(head, bytes) else await head
                 conn.pending.popleft()
                 conn.pending_bytes -= len(data)
                 conn.room.set()

@@ -1,11 +1,19 @@
-"""The one thread that runs the socket side's database work.
+"""The one thread that runs the socket side's database writes, and the readers beside it.
 
 Commands queue here and are applied in groups: everything waiting when the thread is free (up
 to ``max_batch`` commands) goes into one transaction, so a pipelining client costs one commit per
-group, not per command. Other work (subscriptions, acks, delivery refills, status) is a callable;
-consecutive callables are grouped the same way, each run in turn on one connection in one
-transaction (a command still ends the group: order with the commands is kept). Results come back
-as :class:`concurrent.futures.Future`.
+group, not per command. Other writes (subscriptions, acks, send marks) are callables; consecutive
+callables are grouped the same way, each run in turn on one connection in one transaction (a
+command still ends the group: order with the commands is kept). Results come back as futures.
+
+Reads that need no order with the writes (``status``, the admin listings) run on a small pool of
+reader threads in read-only transactions: on SQLite they never wait for the writer lock.
+
+Error policy (README, "Errors and retries"): a group that lost a race (:class:`Conflict`) is run
+again, at once, up to :data:`CONFLICT_RETRIES` times on fresh data, then each of its members on
+its own; an unreachable database fails the whole group with :class:`StoreUnavailable` at once
+(the caller answers ``unavailable``; nothing is retried behind its back); any other error is a
+bug: the members are run one by one so that only the faulty one fails, and it is logged.
 """
 
 from __future__ import annotations
@@ -15,20 +23,27 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, overload
 
 from sqlalchemy import Connection, Engine
 
-from scheduler.clock import Clock
-from scheduler.commands import CommandSettings, Outcome, apply_batch
-from scheduler.logs import get_logger
-from scheduler.protocol import CommandRequest, ProtocolError
-from store.db import health, read_modify_write, transaction
-from store.errors import Conflict, StoreUnavailable
+from program_timer.core.clock import Clock
+from program_timer.core.logs import get_logger
+from program_timer.scheduler.commands import (
+    READ_ONLY_COMMANDS,
+    CommandSettings,
+    Outcome,
+    apply_batch,
+)
+from program_timer.scheduler.protocol import CommandRequest, ProtocolError
+from program_timer.store.db import health, read_modify_write, read_transaction, transaction
+from program_timer.store.errors import Conflict, StoreUnavailable
 
 log = get_logger()
+
+CONFLICT_RETRIES: Final = 3
 
 
 @dataclass(slots=True)
@@ -66,6 +81,7 @@ class StoreWorker:
         self._on_committed = on_committed
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="store-worker", daemon=True)
+        self._readers = ThreadPoolExecutor(2, thread_name_prefix="store-reader")
         self._health = health(engine)
 
     @property
@@ -79,19 +95,37 @@ class StoreWorker:
     def stop(self, timeout: float = 10.0) -> None:
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        self._readers.shutdown(wait=False, cancel_futures=True)
 
-    def command(self, request: CommandRequest) -> Future[Outcome]:
-        fut: Future[Outcome] = Future()
-        self._queue.put(_Command(request, fut))
-        return fut
+    @overload
+    def command(self, request: CommandRequest) -> Future[Outcome]: ...
 
-    def command_async(self, request: CommandRequest) -> asyncio.Future[Outcome]:
-        """Like :meth:`command`, for the event loop: the outcomes of a whole group are handed
-        to the loop in one wake-up, not one per command."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Outcome] = loop.create_future()
+    @overload
+    def command(
+        self, request: CommandRequest, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[Outcome]: ...
+
+    def command(
+        self, request: CommandRequest, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Future[Outcome] | asyncio.Future[Outcome]:
+        """Queue a command. With ``loop`` (the event loop calling), the future is that loop's,
+        and the outcomes of a whole group are handed to it in one wake-up, not one per
+        command; without, a :class:`concurrent.futures.Future`."""
+        fut: Future[Outcome] | asyncio.Future[Outcome] = (
+            Future() if loop is None else loop.create_future()
+        )
         self._queue.put(_Command(request, fut, loop))
         return fut
+
+    def read(self, fn: Callable[[Connection], Any]) -> Future[Any]:
+        """Run ``fn(connection)`` in a read-only transaction on a reader thread (no order with
+        the writes queued here; on SQLite it does not wait for the writer lock)."""
+
+        def run() -> Any:
+            with read_transaction(self._engine) as conn:
+                return fn(conn)
+
+        return self._readers.submit(run)
 
     def call(self, fn: Callable[[Connection], Any], *, durable: bool = True) -> Future[Any]:
         """Run ``fn(connection)`` in a transaction on the worker thread.
@@ -116,66 +150,72 @@ class StoreWorker:
             pending = None
             if item is _STOP:
                 return
-            if isinstance(item, _Call):
-                calls = [item]
-                while len(calls) < self._max_batch:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if not isinstance(nxt, _Call):
-                        pending = nxt
-                        break
-                    calls.append(nxt)
-                self._run_calls(calls)
-                continue
+            kind = type(item)
             group = [item]
             while len(group) < self._max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if not isinstance(nxt, _Command):
+                if type(nxt) is not kind:
                     pending = nxt
                     break
                 group.append(nxt)
-            self._run_commands(group)
+            # Work whose requester gave up (its deadline passed) is never applied.
+            if kind is _Call:
+                calls = [c for c in group if c.future.set_running_or_notify_cancel()]
+                if calls:
+                    self._run_calls(calls)
+            else:
+                commands = [c for c in group if not c.future.cancelled()]
+                if commands:
+                    self._run_commands(commands)
 
     def _run_calls(self, calls: list[_Call]) -> None:
-        """Run the calls in one transaction; if one of them fails (other than the database
-        being unreachable), run each on its own, so that one bad call does not fail the
-        others."""
+        """Run the calls in one transaction, under the error policy of the module docstring."""
         durable = any(c.durable for c in calls)
-        try:
-            with transaction(self._engine) as conn:
-                if not durable:
-                    _relaxed_commit(conn)
-                results = [c.fn(conn) for c in calls]
-            self._mark_available(True)
-        except StoreUnavailable as exc:
-            self._mark_available(False, str(exc))
-            for c in calls:
-                c.future.set_exception(exc)
-        except BaseException as exc:
-            if len(calls) > 1:
+        failure: Exception | None = None
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                with transaction(self._engine) as conn:
+                    if not durable:
+                        _relaxed_commit(conn)
+                    results = [c.fn(conn) for c in calls]
+            except Conflict as exc:
+                failure = exc
+                continue
+            except StoreUnavailable as exc:
                 for c in calls:
-                    self._run_calls([c])
+                    _settle(c.future, exc=exc)
                 return
-            calls[0].future.set_exception(exc)
-        else:
+            except Exception as exc:
+                failure = exc
+                break
             for c, result in zip(calls, results, strict=True):
-                c.future.set_result(result)
+                _settle(c.future, result)
+            return
+        if len(calls) > 1:
+            for c in calls:  # only the call at fault fails
+                self._run_calls([c])
+            return
+        if not isinstance(failure, Conflict):
+            log.error("database call failed", action="call_failed", exc_info=failure)
+        assert failure is not None
+        _settle(calls[0].future, exc=failure)
 
     def _run_commands(self, group: list[_Command]) -> None:
         requests = [c.request for c in group]
-        for attempt in range(3):
+        read_only = all(
+            r.commandIdn in READ_ONLY_COMMANDS and r.commandActId is None for r in requests
+        )
+        begin = read_transaction if read_only else transaction
+        for attempt in range(CONFLICT_RETRIES):
             try:
-                with transaction(self._command_engine) as conn:
+                with begin(self._command_engine) as conn:
                     outcomes = apply_batch(conn, requests, self._settings, self._clock.now())
-                self._mark_available(True)
                 break
             except Conflict:
-                if attempt == 2:
+                if attempt == CONFLICT_RETRIES - 1:
                     if len(group) > 1:
                         for cmd in group:  # isolate the command that keeps conflicting
                             self._run_commands([cmd])
@@ -183,7 +223,6 @@ class StoreWorker:
                     outcomes = [_error("internal", "the command kept conflicting; retry it")]
                     break
             except StoreUnavailable as exc:
-                self._mark_available(False, str(exc))
                 outcomes = [_error("unavailable", f"the database cannot be reached: {exc}")] * len(
                     group
                 )
@@ -199,9 +238,6 @@ class StoreWorker:
         _resolve(group, outcomes)
         if self._on_committed is not None:
             self._on_committed(list(zip(requests, outcomes, strict=True)))
-
-    def _mark_available(self, ok: bool, reason: str = "") -> None:
-        self._health.report(ok, reason)  # logs database_down / database_back once each
 
 
 def _relaxed_commit(conn: Connection) -> None:
@@ -225,7 +261,7 @@ def _resolve(group: list[_Command], outcomes: list[Outcome]) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]] = {}
     for cmd, outcome in zip(group, outcomes, strict=True):
         if cmd.loop is None:
-            cmd.future.set_result(outcome)
+            _settle(cmd.future, outcome)
         else:
             by_loop.setdefault(cmd.loop, []).append((cmd.future, outcome))
     for loop, pairs in by_loop.items():
@@ -235,8 +271,19 @@ def _resolve(group: list[_Command], outcomes: list[Outcome]) -> None:
 
 def _set_all(pairs: list[tuple[Any, Outcome]]) -> None:
     for fut, outcome in pairs:
-        if not fut.done():
-            fut.set_result(outcome)
+        _settle(fut, outcome)
+
+
+def _settle(fut: Any, result: Any = None, exc: BaseException | None = None) -> None:
+    """Complete a future unless it is done already: its waiter may have given up (a request's
+    deadline, a shutdown) and cancelled it."""
+    if fut.done():
+        return
+    with contextlib.suppress(asyncio.InvalidStateError, InvalidStateError, RuntimeError):
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
 
 
 def _error(code: str, message: str) -> Outcome:

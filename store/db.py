@@ -1,16 +1,14 @@
-"""Engines, transactions, migrations and driver-error translation.
+"""Engines, transactions, migrations, driver-error translation and the database's health.
 
-SQLite: WAL, ``synchronous=FULL``, every transaction ``BEGIN IMMEDIATE`` (so two writers queue on
-the busy timeout instead of failing on a lock upgrade), and an exclusive lock file beside the
-database so that a second daemon on the same file is refused. PostgreSQL: psycopg 3, short
-connect timeout and TCP keepalives, so an outage is noticed quickly instead of hanging.
+SQLite's particulars (WAL, ``BEGIN IMMEDIATE``, the writer queue, the single-daemon lock, the
+file's identity) are in :mod:`program_timer.store.sqlite`. PostgreSQL: psycopg 3, with every
+wait bounded (:func:`_postgres_engine`), so an outage is noticed instead of hanging.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
+import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -20,12 +18,13 @@ from typing import Any
 import sqlalchemy.exc as sa_exc
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from alembic.util.exc import CommandError as AlembicError
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import NullPool
 
-from scheduler.logs import get_logger
-from store.errors import AlreadyRunning, Conflict, StoreUnavailable
+from program_timer.core.logs import get_logger
+from program_timer.store import sqlite
+from program_timer.store.errors import Conflict, StoreError, StoreUnavailable
 
 MIGRATIONS = str(Path(__file__).parent / "migrations")
 
@@ -42,67 +41,52 @@ def normalize_url(url: str) -> URL:
     return parsed
 
 
-def dialect_of(url: str) -> str:
-    return normalize_url(url).get_backend_name()
+def make_engine(
+    url: str, *, pool_size: int = 4, name: str = "program-timer", timeout: float = 30.0
+) -> Engine:
+    """An engine whose every wait on the database is bounded by ``timeout`` seconds (connect,
+    a pooled connection, a lock, a statement; see :func:`_postgres_engine`).
 
-
-def sqlite_path(url: URL) -> Path | None:
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-        return None
-    return Path(url.database).resolve()
-
-
-def make_engine(url: str, *, pool_size: int = 4, name: str = "program-timer") -> Engine:
-    """``name`` becomes PostgreSQL's ``application_name``: the daemon's id, so the sessions
+    ``name`` becomes PostgreSQL's ``application_name``: the daemon's id, so the sessions
     holding its fire claims (row locks) are visible as its own in ``pg_stat_activity``."""
     parsed = normalize_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        engine = create_engine(
-            parsed,
-            connect_args={"check_same_thread": False, "timeout": 30},
-            poolclass=None if sqlite_path(parsed) else NullPool,
-            pool_size=pool_size,
-            max_overflow=4,
-        )
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Connection) -> None:
-            if conn.get_execution_options().get(READ_ONLY):
-                conn.exec_driver_sql("BEGIN")  # a reader: WAL readers never wait for a writer
-            else:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        _WRITE_LOCKS[engine] = FairLock()
+        engine = sqlite.engine(parsed, pool_size=pool_size, timeout=timeout, read_only=READ_ONLY)
+        _WRITE_LOCKS[engine] = sqlite.FairLock()
         return engine
     if backend == "postgresql":
-        return create_engine(
-            parsed,
-            pool_size=pool_size,
-            max_overflow=4,
-            pool_pre_ping=True,
-            pool_timeout=5,
-            connect_args={
-                "connect_timeout": 3,
-                "keepalives": 1,
-                "keepalives_idle": 10,
-                "keepalives_interval": 5,
-                "keepalives_count": 3,
-                "application_name": name[:63],
-                "options": "-c idle_in_transaction_session_timeout=60000",
-            },
-        )
+        return _postgres_engine(parsed, pool_size=pool_size, name=name, timeout=timeout)
     raise ValueError(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
+
+
+def _postgres_engine(parsed: URL, *, pool_size: int, name: str, timeout: float) -> Engine:
+    """psycopg 3 with every wait bounded: ``connect_timeout`` and ``pool_timeout`` for a
+    connection, ``statement_timeout`` and ``lock_timeout`` for the server's own work,
+    ``tcp_user_timeout`` and keepalives for a peer that stopped answering. (A server frozen
+    whole, e.g. by SIGSTOP, still has its kernel acknowledging the packets: only the deadline
+    each request has in the daemon bounds that.)"""
+    ms = max(1, int(timeout * 1000))
+    return create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=4,
+        pool_pre_ping=True,
+        pool_timeout=timeout,
+        connect_args={
+            "connect_timeout": max(2, math.ceil(timeout)),
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": ms,
+            "application_name": name[:63],
+            "options": (
+                "-c idle_in_transaction_session_timeout=60000"
+                f" -c statement_timeout={ms} -c lock_timeout={ms}"
+            ),
+        },
+    )
 
 
 def read_modify_write(engine: Engine) -> Engine:
@@ -121,7 +105,10 @@ def read_modify_write(engine: Engine) -> Engine:
 
 
 # SQLSTATEs of a transaction that lost a race and may simply be retried.
-_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+_RETRYABLE_SQLSTATES = frozenset(
+    {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available in time
+)
+_TIMED_OUT_SQLSTATES = frozenset({"57014"})  # statement_timeout: the database is too slow
 
 
 @contextlib.contextmanager
@@ -133,15 +120,18 @@ def translate_errors() -> Iterator[None]:
         raise Conflict(str(exc.orig)) from exc
     except sa_exc.DBAPIError as exc:
         text_ = str(exc.orig) if exc.orig is not None else str(exc)
-        if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate in _RETRYABLE_SQLSTATES:
             raise Conflict(_first_line(text_)) from exc
+        if sqlstate in _TIMED_OUT_SQLSTATES:
+            raise StoreUnavailable(_first_line(text_)) from exc
         if exc.connection_invalidated or isinstance(
             exc, sa_exc.OperationalError | sa_exc.InterfaceError
         ):
             if "serializ" in text_ or "deadlock" in text_:
                 raise Conflict(text_) from exc
             raise StoreUnavailable(_first_line(text_)) from exc
-        raise
+        raise StoreError(_first_line(text_)) from exc  # a bug of ours: the caller logs it
     except sa_exc.TimeoutError as exc:
         raise StoreUnavailable("no database connection could be had in time") from exc
 
@@ -150,42 +140,21 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "database error"
 
 
-class FairLock:
-    """A lock granted in the order it was asked for.
-
-    SQLite has one writer at a time, and a writer that finds the database locked sleeps in
-    SQLite's busy handler (up to 100 ms a try) while the thread that holds it may commit and
-    begin again at once: under a burst of fires, commands starved. Within the daemon, writers
-    queue here instead, first come first served, and SQLite's lock is never contended.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next = 0
-        self._serving = 0
-
-    def __enter__(self) -> None:
-        with self._cond:
-            ticket = self._next
-            self._next += 1
-            while ticket != self._serving:
-                self._cond.wait()
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
-
-
-_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, FairLock] = weakref.WeakKeyDictionary()
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, sqlite.FairLock] = weakref.WeakKeyDictionary()
 READ_ONLY = "program_timer_read_only"
 
 
 @contextlib.contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
-    """One database transaction; driver errors come out translated."""
+    """One database transaction; driver errors come out translated, and whether the database
+    took the write is reported to its :class:`Health`."""
     lock = _WRITE_LOCKS.get(engine)
-    with translate_errors(), lock or contextlib.nullcontext(), engine.begin() as conn:
+    with (
+        _reported(engine, write=True),
+        translate_errors(),
+        lock or contextlib.nullcontext(),
+        engine.begin() as conn,
+    ):
         yield conn
 
 
@@ -193,10 +162,21 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 def read_transaction(engine: Engine) -> Iterator[Connection]:
     """A transaction that only reads: on SQLite it neither takes the write lock nor queues
     behind writers (WAL: it reads the last committed state)."""
-    with translate_errors(), engine.connect() as conn:
+    with _reported(engine, write=False), translate_errors(), engine.connect() as conn:
         conn = conn.execution_options(**{READ_ONLY: True})
         with conn.begin():
             yield conn
+
+
+@contextlib.contextmanager
+def _reported(engine: Engine, *, write: bool) -> Iterator[None]:
+    record = health(engine)
+    try:
+        yield
+    except StoreUnavailable as exc:
+        record.report(False, str(exc), write=write)
+        raise
+    record.report(True, write=write)
 
 
 def upgrade(engine: Engine) -> None:
@@ -205,87 +185,71 @@ def upgrade(engine: Engine) -> None:
     cfg.set_main_option("script_location", MIGRATIONS)
     with translate_errors(), engine.connect() as conn:
         if conn.dialect.name == "postgresql":
+            # A migration, or waiting for another daemon's, may take longer than a request.
+            conn.execute(text("SET statement_timeout = 0"))
+            conn.execute(text("SET lock_timeout = 0"))
             conn.execute(text("SELECT pg_advisory_lock(7020170911)"))
             conn.commit()
         try:
             cfg.attributes["connection"] = conn
             alembic_command.upgrade(cfg, "head")
             conn.commit()
+        except AlembicError as exc:  # e.g. a revision this code does not know: a newer schema
+            raise StoreError(
+                f"the database schema cannot be upgraded by this version of program-timer "
+                f"({exc}); was the database used by a newer version?"
+            ) from None
         finally:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_unlock(7020170911)"))
                 conn.commit()
 
 
-def schema_version(engine: Engine) -> str | None:
-    with translate_errors(), engine.connect() as conn:
-        try:
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        except sa_exc.DBAPIError:
-            return None
-
-
-class SQLiteLock:
-    """An exclusive lock on ``<database>.lock``, held for the daemon's life."""
-
-    def __init__(self, db_path: Path) -> None:
-        self.path = db_path.with_name(db_path.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise AlreadyRunning(
-                f"another program-timer daemon (pid {holder}) is using the SQLite database "
-                f"{self.path.with_suffix('')}; SQLite is single-daemon: stop it first, or use "
-                "PostgreSQL to run several daemons"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 class Health:
     """Whether the database answered the last time anyone of the daemon asked.
 
-    Every part that reaches the database (the store worker, the job store) reports here, so an
-    outage is logged once, when it starts (``database_down``), and once when it ends
-    (``database_back``), however many requests and polls fail in between.
+    Every transaction reports here (:func:`transaction`, :func:`read_transaction`), so an outage
+    is logged once, when it starts (``database_down``), and once when it ends
+    (``database_back``), however many requests and polls fail in between. Reads and writes are
+    kept apart: on a full disk reads still succeed, and a read must not end an outage that a
+    write is still in; a write that succeeds ends any.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._reads_ok = True
+        self._writes_ok = True
         self.available = True
 
-    def report(self, ok: bool, reason: str = "") -> None:
+    def report(self, ok: bool, reason: str = "", *, write: bool = True) -> None:
         with self._lock:
-            if ok == self.available:
+            if ok:
+                self._reads_ok = True
+                if write:
+                    self._writes_ok = True
+            elif write:
+                self._writes_ok = False
+            else:
+                self._reads_ok = False
+            now_ok = self._reads_ok and self._writes_ok
+            if now_ok == self.available:
                 return
-            self.available = ok
+            self.available = now_ok
         if ok:
             log.info("database reachable again", action="database_back")
         else:
             log.error("database unreachable", action="database_down", reason=reason)
 
 
-_HEALTH: weakref.WeakKeyDictionary[Engine, Health] = weakref.WeakKeyDictionary()
+_HEALTH: weakref.WeakKeyDictionary[Any, Health] = weakref.WeakKeyDictionary()
 _HEALTH_LOCK = threading.Lock()
 
 
 def health(engine: Engine) -> Health:
-    """The one :class:`Health` of this engine's database."""
+    """The one :class:`Health` of this engine's database (shared by the engines made from it
+    with other execution options: they share its pool)."""
     with _HEALTH_LOCK:
-        found = _HEALTH.get(engine)
+        found = _HEALTH.get(engine.pool)
         if found is None:
-            found = _HEALTH[engine] = Health()
+            found = _HEALTH[engine.pool] = Health()
         return found

@@ -28,9 +28,10 @@ from apscheduler.jobstores.base import BaseJobStore, JobLookupError
 from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Engine
 
-from store import queries
-from store.db import health, read_transaction
-from store.errors import StoreError
+from program_timer.core.backoff import Backoff
+from program_timer.store import queries
+from program_timer.store.db import read_transaction
+from program_timer.store.errors import StoreError, StoreUnavailable
 
 FIRE_JOB_ID = "program-timer:fire-due"
 
@@ -52,14 +53,13 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         self._engine = engine
         self._fire_pass = fire_pass
         self._executor = executor
-        self._retry = timedelta(seconds=retry_interval)
         self._poll = timedelta(seconds=poll_interval)
         self._now = now
         self._busy = threading.Event()
         self._planned: datetime | None = None  # the wake-up last given to the scheduler
         self._changes = 0  # commands seen by wake_if_before (guards a plan read meanwhile)
         self._lock = threading.Lock()
-        self._health = health(engine)
+        self._backoff = Backoff("due_lookup", first=retry_interval / 8, cap=retry_interval * 5)
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -87,12 +87,9 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
             return None
         seen = self._changes
         try:
-            with read_transaction(self._engine) as conn:
-                due = queries.next_due_at(conn)
-        except StoreError as exc:
-            self._health.report(False, str(exc))
-            return now + self._retry
-        self._health.report(True)
+            due = self._next_due()
+        except StoreError:
+            return now + timedelta(seconds=self._backoff.failed_delay)
         horizon = now + self._poll
         plan = horizon if due is None or due > horizon else due
         with self._lock:
@@ -120,19 +117,32 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         """The fire job when a timer is due at ``now``. When the database is unreachable:
         nothing, and :meth:`get_next_run_time` (asked right after) says "retry soon". (Raising
         would make the scheduler log a warning at every retry, once a second for the whole
-        outage; the outage is logged once, through :func:`store.db.health`.)"""
+        outage; the outage is logged once, through :func:`program_timer.store.db.health`.)"""
         if self._busy.is_set():
             return []
         try:
-            with read_transaction(self._engine) as conn:
-                due = queries.next_due_at(conn)
-        except StoreError as exc:
-            self._health.report(False, str(exc))
+            due = self._next_due()
+        except StoreError:
             return []
         if due is None or due > now:
             return []
         self._busy.set()
         return [self._fire_job(due)]
+
+    def _next_due(self) -> datetime | None:
+        """The earliest ``due_at``; a failure is counted in the backoff (an unreachable
+        database is logged once, as ``database_down``, by the store's health record)."""
+        try:
+            with read_transaction(self._engine) as conn:
+                due = queries.next_due_at(conn)
+        except StoreUnavailable as exc:
+            self._backoff.failed(str(exc), unavailable=True)
+            raise
+        except StoreError as exc:
+            self._backoff.failed(str(exc))
+            raise
+        self._backoff.succeeded()
+        return due
 
     def lookup_job(self, job_id: str) -> Job | None:
         return None

@@ -16,7 +16,7 @@ import psycopg
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 
-from scheduler.logs import get_logger
+from program_timer.core.logs import get_logger
 
 WAKEUP = "program_timer_wakeup"
 DELIVERIES = "program_timer_deliveries"

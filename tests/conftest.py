@@ -15,12 +15,10 @@ import psycopg
 import pytest
 from sqlalchemy import Engine
 
-from store.db import make_engine, upgrade
+from program_timer.store.db import make_engine, upgrade
 from tests.daemon_proc import DaemonProcess, short_tmpdir
 
-PG_ADMIN = os.environ.get(
-    "PROGRAM_TIMER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"
-)
+PG_ADMIN = os.environ.get("PROGRAM_TIMER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 RUN_ID = uuid.uuid4().hex[:8]
 TEMPLATE = f"pt_{RUN_ID}_tmpl"
 

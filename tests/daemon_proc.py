@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from events.client import TimerClient
+from program_timer.events.client import TimerClient
 
 
 def short_tmpdir() -> Path:
@@ -47,8 +47,8 @@ class DaemonProcess:
 
     def start(self, wait: bool = True, extra_args: list[str] | None = None) -> DaemonProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        exe = shutil.which("program-timer")
-        cmd = [exe] if exe else [sys.executable, "-m", "scheduler.cli"]
+        # The interpreter running the tests, so that the code under test is this checkout's.
+        cmd = [sys.executable, "-m", "program_timer"]
         self.proc = subprocess.Popen(
             [*cmd, "serve", *(extra_args or [])],
             env=self.environment(),

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from events.client import ClientError, TimerClient
-from store.db import make_engine
-from store.schema import deliveries, events, subscriptions, timers
+from program_timer.events.client import ClientError, TimerClient
+from program_timer.store.db import make_engine
+from program_timer.store.schema import deliveries, events, subscriptions, timers
 from tests.daemon_proc import DaemonProcess, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -416,8 +416,8 @@ def test_fire_job_is_not_stranded_by_a_slow_executor_callback(
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from store.db import upgrade
-    from store.jobstore import TimerJobStore
+    from program_timer.store.db import upgrade
+    from program_timer.store.jobstore import TimerJobStore
 
     real_run_job = pool.run_job
 

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from events.client import ClientError, TimerClient
-from store.db import make_engine
-from store.schema import deliveries, events, timers
+from program_timer.events.client import ClientError, TimerClient
+from program_timer.store.db import make_engine
+from program_timer.store.schema import deliveries, events, timers
 from tests.daemon_proc import DaemonProcess, short_tmpdir, wait_for
 from tests.pg_private import PrivatePostgres, find_bin_dir
 

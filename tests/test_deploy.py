@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 
-from events.client import TimerClient
-from scheduler import systemd
-from scheduler.config import Settings, load_settings
+from program_timer.events.client import TimerClient
+from program_timer.scheduler import systemd
+from program_timer.scheduler.config import Settings, load_settings
 from tests.daemon_proc import DaemonProcess, short_tmpdir, wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

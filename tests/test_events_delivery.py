@@ -9,11 +9,19 @@ import uuid
 import psutil
 import pytest
 
-from events.client import EventStream, TimerClient
+from program_timer.events.client import EventStream, TimerClient
 from tests.daemon_proc import DaemonProcess, wait_for
 
-EVENT_KEYS = {"idn", "integrationIdn", "connectorIdn", "personaId", "arguments",
-              "uninterruptible", "externalEventId", "commandActId"}
+EVENT_KEYS = {
+    "idn",
+    "integrationIdn",
+    "connectorIdn",
+    "personaId",
+    "arguments",
+    "uninterruptible",
+    "externalEventId",
+    "commandActId",
+}
 
 
 def _events(c: TimerClient, n: int, timeout: float = 15.0) -> list[dict]:
@@ -33,9 +41,18 @@ def test_event_with_every_field_reaches_its_subscriber(daemon: DaemonProcess) ->
     act = str(uuid.uuid4())
     with daemon.client() as sub, daemon.client() as c:
         assert sub.subscribe("flow-1", flow_instance_id="fi-1") == {
-            "subscriptionId": "flow-1", "created": True}
-        c.command("set_timer", "my_timer", command_act_id=act, personaId="u1",
-                  timerName="remind", interval="0.2", topic="invoice")
+            "subscriptionId": "flow-1",
+            "created": True,
+        }
+        c.command(
+            "set_timer",
+            "my_timer",
+            command_act_id=act,
+            personaId="u1",
+            timerName="remind",
+            interval="0.2",
+            topic="invoice",
+        )
         (msg,) = _events(sub, 1)
         assert msg["op"] == "event" and msg["subscriptionId"] == "flow-1"
         assert msg["flowInstanceId"] == "fi-1" and msg["attempt"] == 1
@@ -57,8 +74,13 @@ def test_event_with_every_field_reaches_its_subscriber(daemon: DaemonProcess) ->
 
 
 def test_filters_route_and_each_subscription_gets_its_copy(daemon: DaemonProcess) -> None:
-    with daemon.client() as by_conn, daemon.client() as by_persona, daemon.client() as both, \
-            daemon.client() as anything, daemon.client() as c:
+    with (
+        daemon.client() as by_conn,
+        daemon.client() as by_persona,
+        daemon.client() as both,
+        daemon.client() as anything,
+        daemon.client() as c,
+    ):
         by_conn.subscribe("s-conn", connector_idn="alpha")
         by_persona.subscribe("s-persona", persona_id="p2")
         both.subscribe("s-both", connector_idn="alpha", persona_id="p2")
@@ -152,8 +174,7 @@ def test_pending_delivery_survives_a_restart(daemon: DaemonProcess) -> None:
 def test_repeating_timer_events_in_order_with_distinct_ids(daemon: DaemonProcess) -> None:
     with daemon.client() as sub, daemon.client() as c:
         sub.subscribe("order", persona_id="p")
-        c.command("set_repeatable_timer", "my_timer", personaId="p", timerName="r",
-                  interval="1")
+        c.command("set_repeatable_timer", "my_timer", personaId="p", timerName="r", interval="1")
         got = _events(sub, 4, timeout=15)
         sub.ack([m["deliveryId"] for m in got])
     counts = [int(m["event"]["arguments"]["fireCount"]) for m in got]
@@ -198,11 +219,21 @@ def test_never_acking_subscriber_does_not_grow_memory(daemon_factory) -> None:  
         def fire(prefix: str, n: int) -> None:
             for i in range(0, n, 100):  # pipelined, reading replies as it goes
                 for j in range(i, min(n, i + 100)):
-                    c.send({"op": "command", "id": j, "commandIdn": "set_timer",
-                            "integrationIdn": "program_timer", "connectorIdn": "my_timer",
-                            "arguments": {"personaId": f"{prefix}{j % 50}",
-                                          "timerName": f"t{j}", "interval": "0.1",
-                                          "payload": "x" * 4000}})
+                    c.send(
+                        {
+                            "op": "command",
+                            "id": j,
+                            "commandIdn": "set_timer",
+                            "integrationIdn": "program_timer",
+                            "connectorIdn": "my_timer",
+                            "arguments": {
+                                "personaId": f"{prefix}{j % 50}",
+                                "timerName": f"t{j}",
+                                "interval": "0.1",
+                                "payload": "x" * 4000,
+                            },
+                        }
+                    )
                 for j in range(i, min(n, i + 100)):
                     assert c.wait_reply(j)["ok"]
 
@@ -284,9 +315,16 @@ def test_due_resend_goes_out_with_less_than_half_the_window_free(daemon_factory)
         received_a = time.monotonic()
         time.sleep(1.5)
         for i in range(9):  # pipelined: they fire together
-            c.send({"op": "command", "id": i, "commandIdn": "set_timer",
-                    "integrationIdn": "program_timer", "connectorIdn": "my_timer",
-                    "arguments": {"personaId": "p", "timerName": f"b{i}", "interval": "0.1"}})
+            c.send(
+                {
+                    "op": "command",
+                    "id": i,
+                    "commandIdn": "set_timer",
+                    "integrationIdn": "program_timer",
+                    "connectorIdn": "my_timer",
+                    "arguments": {"personaId": "p", "timerName": f"b{i}", "interval": "0.1"},
+                }
+            )
         for i in range(9):
             assert c.wait_reply(i)["ok"]
         # a's ack timeout passes while the 9 b's are in flight (1 of 10 free): a is sent again
@@ -297,7 +335,8 @@ def test_due_resend_goes_out_with_less_than_half_the_window_free(daemon_factory)
         assert again["deliveryId"] == a["deliveryId"] and again["attempt"] == 2
         bs = [m for m in got if m is not again]
         assert sorted(m["event"]["arguments"]["timerName"] for m in bs) == [
-            f"b{i}" for i in range(9)]
+            f"b{i}" for i in range(9)
+        ]
         assert all(m["attempt"] == 1 for m in bs)
         assert 2.5 < resent_after < 4.0, resent_after
         assert sub.ack([m["deliveryId"] for m in got]) == 10

@@ -24,8 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.protocol import ERROR_CODES, MAX_LINE, ok_reply
-from scheduler.server import SocketServer
+from program_timer.scheduler.protocol import (
+    ERROR_CODES,
+    MAX_LINE,
+    ok_reply,
+)
+from program_timer.scheduler.server import SocketServer
 from tests.daemon_proc import DaemonProcess, running, short_tmpdir, wait_for
 
 
@@ -349,9 +353,18 @@ BIG_ARGS = {f"blob{i}": "x" * 60_000 for i in range(16)}
 
 def _big_reply_chunks() -> Any:
     # small get_timer lines whose replies carry ~1 MB of the timer's extra arguments
-    line = json.dumps({"op": "command", "commandIdn": "get_timer",
-                       "integrationIdn": "program_timer", "connectorIdn": "my_timer",
-                       "arguments": {"personaId": "big", "timerName": "big"}}).encode() + b"\n"
+    line = (
+        json.dumps(
+            {
+                "op": "command",
+                "commandIdn": "get_timer",
+                "integrationIdn": "program_timer",
+                "connectorIdn": "my_timer",
+                "arguments": {"personaId": "big", "timerName": "big"},
+            }
+        ).encode()
+        + b"\n"
+    )
     return lambda: line * 100
 
 
@@ -388,8 +401,9 @@ def test_non_reading_client_is_no_longer_read_and_memory_stays_bounded(
     proc = psutil.Process(d.proc.pid)  # type: ignore[union-attr]
     _served_meanwhile(d)  # warm up
     with d.client() as c:
-        c.command("set_timer", "my_timer", personaId="big", timerName="big", interval="3600",
-                  **BIG_ARGS)
+        c.command(
+            "set_timer", "my_timer", personaId="big", timerName="big", interval="3600", **BIG_ARGS
+        )
     rss_before = proc.memory_info().rss
     make = _ping_chunks() if kind == "pings" else _big_reply_chunks()
     s, sent, lines_sent = _flood(d.socket, make, FLOOD)

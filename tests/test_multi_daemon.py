@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, text
 
-from events.client import TimerClient
-from store.db import make_engine
-from store.schema import events, timers
+from program_timer.events.client import TimerClient
+from program_timer.store.db import make_engine
+from program_timer.store.schema import events, timers
 from tests.daemon_proc import DaemonProcess, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -30,9 +30,16 @@ def _pipeline_set(c: TimerClient, specs: list[dict[str, str]], connector: str = 
     for start in range(0, len(specs), 500):
         chunk = specs[start : start + 500]
         for i, args in enumerate(chunk):
-            c.send({"op": "command", "id": start + i, "commandIdn": "set_timer",
-                    "integrationIdn": "program_timer", "connectorIdn": connector,
-                    "arguments": args})
+            c.send(
+                {
+                    "op": "command",
+                    "id": start + i,
+                    "commandIdn": "set_timer",
+                    "integrationIdn": "program_timer",
+                    "connectorIdn": connector,
+                    "arguments": args,
+                }
+            )
         for i in range(len(chunk)):
             reply = c.wait_reply(start + i)
             assert reply["ok"], reply
@@ -41,8 +48,11 @@ def _pipeline_set(c: TimerClient, specs: list[dict[str, str]], connector: str = 
 def _burst(n: int, seconds: float, lead: float = 2.0) -> list[dict[str, str]]:
     t0 = datetime.now(UTC) + timedelta(seconds=lead)
     return [
-        {"personaId": f"p{i % 100}", "timerName": f"t{i}",
-         "fireAt": (t0 + timedelta(seconds=seconds * i / n)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        {
+            "personaId": f"p{i % 100}",
+            "timerName": f"t{i}",
+            "fireAt": (t0 + timedelta(seconds=seconds * i / n)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        }
         for i in range(n)
     ]
 
@@ -51,11 +61,12 @@ def _fired_counts(url: str) -> tuple[int, Counter[tuple[str, str]], Counter[str]
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(select(events.c.persona_id, events.c.timer_name,
-                                       events.c.fired_by)).all()
-            fired_timers = conn.execute(
-                select(func.count()).where(timers.c.state == "fired")
-            ).scalar() or 0
+            rows = conn.execute(
+                select(events.c.persona_id, events.c.timer_name, events.c.fired_by)
+            ).all()
+            fired_timers = (
+                conn.execute(select(func.count()).where(timers.c.state == "fired")).scalar() or 0
+            )
     finally:
         engine.dispose()
     per_timer = Counter((r.persona_id, r.timer_name) for r in rows)
@@ -86,9 +97,15 @@ def test_three_daemons_fire_each_timer_exactly_once(daemon_factory) -> None:  # 
     engine = make_engine(ds[0].database_url)
     try:
         with engine.connect() as conn:
-            names = {r[0] for r in conn.execute(text(
-                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
-            ))}
+            names = {
+                r[0]
+                for r in conn.execute(
+                    text(
+                        "SELECT application_name FROM pg_stat_activity"
+                        " WHERE datname = current_database()"
+                    )
+                )
+            }
     finally:
         engine.dispose()
     assert {"program-timer A", "program-timer B", "program-timer C"} <= names, names
@@ -104,8 +121,9 @@ def test_sigkill_of_one_daemon_mid_burst_the_others_fire_the_rest(daemon_factory
     wait_for(lambda: _fired_counts(ds[0].database_url)[0] == n, timeout=90, interval=0.5)
     time.sleep(1.0)
     _, per_timer, per_daemon = _fired_counts(ds[0].database_url)
-    assert len(per_timer) == n and set(per_timer.values()) == {1}, (
-        [k for k, v in per_timer.items() if v != 1][:5])
+    assert len(per_timer) == n and set(per_timer.values()) == {1}, [
+        k for k, v in per_timer.items() if v != 1
+    ][:5]
     assert per_daemon["A"] + per_daemon["C"] > 0
     print("fires per daemon:", dict(per_daemon))
 
@@ -123,10 +141,13 @@ def test_command_on_a_wakes_b_in_time(daemon_factory) -> None:  # type: ignore[n
         started = time.monotonic()
         engine = make_engine(a.database_url)
         try:
+
             def fired_by() -> str | None:
                 with engine.connect() as conn:
-                    return conn.execute(select(events.c.fired_by).where(
-                        events.c.timer_name == "soon")).scalar()
+                    return conn.execute(
+                        select(events.c.fired_by).where(events.c.timer_name == "soon")
+                    ).scalar()
+
             who = wait_for(fired_by, timeout=20)
         finally:
             engine.dispose()
@@ -147,10 +168,13 @@ def test_subscriber_on_a_receives_events_fired_by_b(daemon_factory) -> None:  # 
         try:
             engine = make_engine(a.database_url)
             try:
+
                 def fired_by() -> str | None:
                     with engine.connect() as conn:
-                        return conn.execute(select(events.c.fired_by).where(
-                            events.c.timer_name == "by-b")).scalar()
+                        return conn.execute(
+                            select(events.c.fired_by).where(events.c.timer_name == "by-b")
+                        ).scalar()
+
                 assert wait_for(fired_by, timeout=20) == "B"
             finally:
                 engine.dispose()
@@ -174,4 +198,3 @@ def test_subscription_reattaches_through_another_daemon(daemon_factory) -> None:
         again = sub_b.next_event(15)
         assert again["event"]["externalEventId"] == first["event"]["externalEventId"]
         assert sub_b.ack([again["deliveryId"]]) == 1
-

@@ -10,8 +10,8 @@ import time
 import pytest
 from sqlalchemy import select
 
-from store.db import make_engine
-from store.schema import events
+from program_timer.store.db import make_engine
+from program_timer.store.schema import events
 from tests.daemon_proc import DaemonProcess, wait_for
 
 
@@ -28,14 +28,14 @@ def test_stop_signal_exits_zero_quickly(daemon: DaemonProcess, sig: int) -> None
 def test_downtime_catch_up_after_restart(daemon: DaemonProcess) -> None:
     with daemon.client() as c:
         c.command("set_timer", "my_timer", personaId="p", timerName="once", interval="2")
-        c.command("set_repeatable_timer", "my_timer", personaId="p", timerName="rep",
-                  interval="1")
+        c.command("set_repeatable_timer", "my_timer", personaId="p", timerName="rep", interval="1")
         c.command("set_timer", "my_timer", personaId="p", timerName="later", interval="3600")
     assert daemon.stop() == 0
     time.sleep(4.5)  # "once" falls due, "rep" misses ~4 occurrences
     daemon.start()
     engine = make_engine(daemon.database_url)
     try:
+
         def fired() -> list:
             with engine.connect() as conn:
                 return conn.execute(select(events).order_by(events.c.id)).all()
@@ -52,8 +52,10 @@ def test_downtime_catch_up_after_restart(daemon: DaemonProcess) -> None:
         later = [r for r in rep if r.id > catch_up[0].id]
         assert all(r.missed_count == 0 for r in later)
         with daemon.client() as c:
-            names = {t["timerName"] for t in c.command("list_timers", "my_timer",
-                                                        personaId="p")["timers"]}
+            names = {
+                t["timerName"]
+                for t in c.command("list_timers", "my_timer", personaId="p")["timers"]
+            }
         assert names == {"once", "rep", "later"}
     finally:
         engine.dispose()

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 
-from store.db import make_engine
-from store.schema import events, timers
+from program_timer.store.db import make_engine
+from program_timer.store.schema import events, timers
 from tests.daemon_proc import DaemonProcess, wait_for
 
 
@@ -28,8 +28,15 @@ def test_seed_fire_at_once_in_the_past(daemon: DaemonProcess) -> None:
     # {{SendCommand(commandIdn="set_timer", integrationIdn="program_timer",
     #   connectorIdn="fire_timer", fireAt="2024-02-20T22:17", personaId=…, timerName="MyTimer",
     #   repeatable="false")}}
-    result = _send(daemon, "set_timer", "fire_timer", fireAt="2024-02-20T22:17",
-                   personaId="user-1", timerName="MyTimer", repeatable="false")
+    result = _send(
+        daemon,
+        "set_timer",
+        "fire_timer",
+        fireAt="2024-02-20T22:17",
+        personaId="user-1",
+        timerName="MyTimer",
+        repeatable="false",
+    )
     timer = result["timer"]
     assert timer["fireAt"] == "2024-02-20T22:17:00Z"
     assert timer["connectorIdn"] == "fire_timer"
@@ -45,8 +52,15 @@ def test_seed_fire_at_once_in_the_past(daemon: DaemonProcess) -> None:
 
 def test_seed_fire_at_in_the_future(daemon: DaemonProcess) -> None:
     when = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M")
-    result = _send(daemon, "set_timer", "fire_timer", fireAt=when, personaId="user-1",
-                   timerName="MyTimer", repeatable="false")
+    result = _send(
+        daemon,
+        "set_timer",
+        "fire_timer",
+        fireAt=when,
+        personaId="user-1",
+        timerName="MyTimer",
+        repeatable="false",
+    )
     assert result["warnings"] == []
     assert result["timer"]["state"] == "scheduled"
     assert result["timer"]["nextFireAt"] == when + ":00Z"
@@ -54,8 +68,14 @@ def test_seed_fire_at_in_the_future(daemon: DaemonProcess) -> None:
 
 def test_seed_interval_once_after_120_seconds(daemon: DaemonProcess) -> None:
     before = datetime.now(UTC)
-    result = _send(daemon, "set_timer", "my_timer", personaId="user-1",
-                   timerName="followup_timer_2", interval="120")
+    result = _send(
+        daemon,
+        "set_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="followup_timer_2",
+        interval="120",
+    )
     timer = result["timer"]
     assert timer["interval"] == "120" and timer["repeatable"] is False
     next_fire = datetime.fromisoformat(timer["nextFireAt"])
@@ -64,8 +84,15 @@ def test_seed_interval_once_after_120_seconds(daemon: DaemonProcess) -> None:
 
 
 def test_seed_repeatable_from_fire_at_every_240_seconds(daemon: DaemonProcess) -> None:
-    result = _send(daemon, "set_repeatable_timer", "my_timer", personaId="user-1",
-                   timerName="followup_timer_3", interval="240", fireAt="2024-02-20T22:17")
+    result = _send(
+        daemon,
+        "set_repeatable_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="followup_timer_3",
+        interval="240",
+        fireAt="2024-02-20T22:17",
+    )
     timer = result["timer"]
     assert timer["repeatable"] is True and timer["interval"] == "240"
     anchor = datetime(2024, 2, 20, 22, 17, tzinfo=UTC)
@@ -78,42 +105,88 @@ def test_seed_repeatable_from_fire_at_every_240_seconds(daemon: DaemonProcess) -
 
 
 def test_seed_create_disabled_then_enable(daemon: DaemonProcess) -> None:
-    created = _send(daemon, "set_timer", "my_timer", personaId="user-1",
-                    timerName="followup_timer_3", enabled="false")["timer"]
+    created = _send(
+        daemon,
+        "set_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="followup_timer_3",
+        enabled="false",
+    )["timer"]
     assert created["enabled"] is False
     # no schedule yet: kept but never fires
     assert created["state"] == "unscheduled" and created["nextFireAt"] is None
-    enabled = _send(daemon, "set_timer", "my_timer", personaId="user-1",
-                    timerName="followup_timer_3", enabled="true")["timer"]
+    enabled = _send(
+        daemon,
+        "set_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="followup_timer_3",
+        enabled="true",
+    )["timer"]
     assert enabled["enabled"] is True and enabled["state"] == "unscheduled"
 
 
 def test_seed_disable_keeps_schedule_and_enable_resumes(daemon: DaemonProcess) -> None:
-    _send(daemon, "set_repeatable_timer", "my_timer", personaId="user-1",
-          timerName="followup_timer_3", interval="240", fireAt="2024-02-20T22:17")
-    paused = _send(daemon, "set_timer", "my_timer", personaId="user-1",
-                   timerName="followup_timer_3", enabled="false")["timer"]
+    _send(
+        daemon,
+        "set_repeatable_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="followup_timer_3",
+        interval="240",
+        fireAt="2024-02-20T22:17",
+    )
+    paused = _send(
+        daemon,
+        "set_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="followup_timer_3",
+        enabled="false",
+    )["timer"]
     assert paused["state"] == "disabled" and paused["nextFireAt"] is None
     assert paused["interval"] == "240" and paused["fireAt"] == "2024-02-20T22:17:00Z"
-    resumed = _send(daemon, "set_timer", "my_timer", personaId="user-1",
-                    timerName="followup_timer_3", enabled="true")["timer"]
+    resumed = _send(
+        daemon,
+        "set_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="followup_timer_3",
+        enabled="true",
+    )["timer"]
     assert resumed["state"] == "scheduled" and resumed["repeatable"] is True
     anchor = datetime(2024, 2, 20, 22, 17, tzinfo=UTC)
     assert (datetime.fromisoformat(resumed["nextFireAt"]) - anchor).total_seconds() % 240 == 0
 
 
 def test_real_fires_observed_in_the_store(daemon: DaemonProcess) -> None:
-    _send(daemon, "set_timer", "my_timer", personaId="user-1", timerName="short", interval="0.3",
-          note="hello")
-    _send(daemon, "set_repeatable_timer", "my_timer", personaId="user-1", timerName="rep",
-          interval="1")
+    _send(
+        daemon,
+        "set_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="short",
+        interval="0.3",
+        note="hello",
+    )
+    _send(
+        daemon,
+        "set_repeatable_timer",
+        "my_timer",
+        personaId="user-1",
+        timerName="rep",
+        interval="1",
+    )
     engine = make_engine(daemon.database_url)
     try:
+
         def count(name: str) -> int:
             with engine.connect() as conn:
-                return conn.execute(
-                    select(func.count()).where(events.c.timer_name == name)
-                ).scalar() or 0
+                return (
+                    conn.execute(select(func.count()).where(events.c.timer_name == name)).scalar()
+                    or 0
+                )
 
         wait_for(lambda: count("short") == 1, timeout=15)
         wait_for(lambda: count("rep") >= 3, timeout=20)

@@ -36,8 +36,14 @@ def _lines(s: socket.socket, n: int) -> list[dict]:
 
 
 def _cmd(rid: object, command: str = "set_timer", **args: object) -> dict:
-    return {"op": "command", "id": rid, "commandIdn": command, "integrationIdn": "program_timer",
-            "connectorIdn": "my_timer", "arguments": args}
+    return {
+        "op": "command",
+        "id": rid,
+        "commandIdn": command,
+        "integrationIdn": "program_timer",
+        "connectorIdn": "my_timer",
+        "arguments": args,
+    }
 
 
 def test_socket_created_with_mode_0660(daemon: DaemonProcess) -> None:
@@ -63,21 +69,46 @@ def test_ping_and_status(daemon: DaemonProcess) -> None:
         (b'{"op": "fly", "id": 7}\n', "unknown_op", "op"),
         (b'{"op": "command", "id": 7, "commandIdn": 5}\n', "invalid_request", "commandIdn"),
         (b'{"op": "ack", "id": 7, "deliveryIds": "x"}\n', "invalid_request", "deliveryIds"),
-        (json.dumps(_cmd(7, "explode", personaId="p")).encode() + b"\n", "unknown_command",
-         "commandIdn"),
-        (json.dumps({**_cmd(7, personaId="p", timerName="t"), "integrationIdn": "twilio"}).encode()
-         + b"\n", "unknown_integration", "integrationIdn"),
-        (json.dumps(_cmd(7, personaId="p", timerName="t", interval="soon")).encode() + b"\n",
-         "invalid_argument", "interval"),
-        (json.dumps(_cmd(7, personaId="p", timerName="t", repeatable="true")).encode() + b"\n",
-         "invalid_argument", "interval"),
+        (
+            json.dumps(_cmd(7, "explode", personaId="p")).encode() + b"\n",
+            "unknown_command",
+            "commandIdn",
+        ),
+        (
+            json.dumps(
+                {**_cmd(7, personaId="p", timerName="t"), "integrationIdn": "twilio"}
+            ).encode()
+            + b"\n",
+            "unknown_integration",
+            "integrationIdn",
+        ),
+        (
+            json.dumps(_cmd(7, personaId="p", timerName="t", interval="soon")).encode() + b"\n",
+            "invalid_argument",
+            "interval",
+        ),
+        (
+            json.dumps(_cmd(7, personaId="p", timerName="t", repeatable="true")).encode() + b"\n",
+            "invalid_argument",
+            "interval",
+        ),
         (json.dumps(_cmd(7, timerName="t")).encode() + b"\n", "invalid_argument", "personaId"),
-        (json.dumps(_cmd(7, personaId="p", timerName="t", fireAt="tomorrow")).encode() + b"\n",
-         "invalid_argument", "fireAt"),
-        (json.dumps(_cmd(7, personaId="p", timerName="t", firedAt="x", interval="5")).encode()
-         + b"\n", "invalid_argument", "firedAt"),
-        (json.dumps(_cmd(7, "get_timer", personaId="p", timerName="nope")).encode() + b"\n",
-         "not_found", "timerName"),
+        (
+            json.dumps(_cmd(7, personaId="p", timerName="t", fireAt="tomorrow")).encode() + b"\n",
+            "invalid_argument",
+            "fireAt",
+        ),
+        (
+            json.dumps(_cmd(7, personaId="p", timerName="t", firedAt="x", interval="5")).encode()
+            + b"\n",
+            "invalid_argument",
+            "firedAt",
+        ),
+        (
+            json.dumps(_cmd(7, "get_timer", personaId="p", timerName="nope")).encode() + b"\n",
+            "not_found",
+            "timerName",
+        ),
     ],
 )
 def test_errors_have_code_and_field(
@@ -115,7 +146,8 @@ def test_pipelined_replies_in_request_order(daemon: DaemonProcess) -> None:
                 _cmd(i, personaId="pipe", timerName=f"t{i:04d}", interval="3600")
                 if i % 7
                 else {"op": "ping", "id": i}
-            ).encode() + b"\n"
+            ).encode()
+            + b"\n"
             for i in range(n)
         )
         s.sendall(batch)
@@ -148,10 +180,22 @@ def test_a_line_just_under_the_limit_is_read(daemon: DaemonProcess) -> None:
 def test_command_act_id_replays_the_first_reply(daemon: DaemonProcess) -> None:
     act = str(uuid.uuid4())
     with daemon.client() as c:
-        first = c.command("set_timer", "my_timer", command_act_id=act, personaId="p",
-                          timerName="once", interval="60")
-        again = c.command("set_timer", "my_timer", command_act_id=act, personaId="p",
-                          timerName="once", interval="999")
+        first = c.command(
+            "set_timer",
+            "my_timer",
+            command_act_id=act,
+            personaId="p",
+            timerName="once",
+            interval="60",
+        )
+        again = c.command(
+            "set_timer",
+            "my_timer",
+            command_act_id=act,
+            personaId="p",
+            timerName="once",
+            interval="999",
+        )
         assert again == first
         assert first["commandActId"] == act
         timer = c.command("get_timer", "my_timer", personaId="p", timerName="once")["timer"]
@@ -186,18 +230,25 @@ def test_list_paging_delete_and_delete_all(daemon: DaemonProcess) -> None:
         page2 = c.command("list_timers", "my_timer", personaId="pg", limit="2", after="n1")
         assert [t["timerName"] for t in page2["timers"]] == ["n2", "n3"]
         assert c.command("delete_timer", "my_timer", personaId="pg", timerName="n0")["removed"]
-        assert not c.command("delete_timer", "my_timer", personaId="pg",
-                             timerName="n0")["removed"]
+        assert not c.command("delete_timer", "my_timer", personaId="pg", timerName="n0")["removed"]
         assert c.command("delete_timers", "my_timer", personaId="pg")["removed"] == 4
         assert c.command("list_timers", "my_timer", personaId="pg")["timers"] == []
 
 
 def test_upsert_keeps_unsent_arguments_and_replaces_extras(daemon: DaemonProcess) -> None:
     with daemon.client() as c:
-        c.command("set_repeatable_timer", "my_timer", personaId="u", timerName="t",
-                  interval="60", a="1", b="2")
-        t = c.command("set_timer", "other_conn", personaId="u", timerName="t",
-                      enabled="false")["timer"]
+        c.command(
+            "set_repeatable_timer",
+            "my_timer",
+            personaId="u",
+            timerName="t",
+            interval="60",
+            a="1",
+            b="2",
+        )
+        t = c.command("set_timer", "other_conn", personaId="u", timerName="t", enabled="false")[
+            "timer"
+        ]
         assert t["repeatable"] is True and t["interval"] == "60"
         assert t["arguments"] == {"a": "1", "b": "2"} and t["connectorIdn"] == "other_conn"
         t = c.command("set_timer", "my_timer", personaId="u", timerName="t", c="3")["timer"]
@@ -206,7 +257,14 @@ def test_upsert_keeps_unsent_arguments_and_replaces_extras(daemon: DaemonProcess
 
 def test_numbers_and_booleans_mean_their_string_form(daemon: DaemonProcess) -> None:
     with daemon.client() as c:
-        t = c.command("set_timer", "my_timer", personaId="u", timerName="n", interval=90,
-                      repeatable=True, count=3)["timer"]
+        t = c.command(
+            "set_timer",
+            "my_timer",
+            personaId="u",
+            timerName="n",
+            interval=90,
+            repeatable=True,
+            count=3,
+        )["timer"]
     assert t["interval"] == "90" and t["repeatable"] is True
     assert t["arguments"] == {"count": "3"}

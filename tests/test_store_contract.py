@@ -11,25 +11,34 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from scheduler.clock import FakeClock
-from scheduler.commands import CommandSettings, apply_batch
-from scheduler.firing import fire_batch
-from scheduler.protocol import CommandRequest
-from store import queries
-from store.db import transaction
-from store.schema import deliveries, events, timers
+from program_timer.core.clock import FakeClock
+from program_timer.scheduler.commands import CommandSettings, apply_batch
+from program_timer.scheduler.firing import fire_batch
+from program_timer.scheduler.protocol import CommandRequest
+from program_timer.store import queries
+from program_timer.store.db import transaction
+from program_timer.store.schema import deliveries, events, timers
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def req(command: str = "set_timer", act: str | None = None, **args: Any) -> CommandRequest:
-    return CommandRequest(op="command", commandIdn=command, integrationIdn="program_timer",
-                          connectorIdn="conn", arguments=args,
-                          commandActId=uuid.UUID(act) if act else None)
+    return CommandRequest(
+        op="command",
+        commandIdn=command,
+        integrationIdn="program_timer",
+        connectorIdn="conn",
+        arguments=args,
+        commandActId=uuid.UUID(act) if act else None,
+    )
 
 
-def run(engine: Engine, clock: FakeClock, *requests: CommandRequest,
-        settings: CommandSettings | None = None) -> list[Any]:
+def run(
+    engine: Engine,
+    clock: FakeClock,
+    *requests: CommandRequest,
+    settings: CommandSettings | None = None,
+) -> list[Any]:
     with transaction(engine) as conn:
         return apply_batch(conn, list(requests), settings or CommandSettings(), clock.now())
 
@@ -50,7 +59,8 @@ def event_rows(engine: Engine, name: str | None = None) -> list[Any]:
 def test_batch_behaves_as_if_commands_ran_one_by_one(engine: Engine) -> None:
     clock = FakeClock(T0)
     out = run(
-        engine, clock,
+        engine,
+        clock,
         req(personaId="p", timerName="a", interval="60"),
         req(personaId="p", timerName="a", enabled="false"),
         req("get_timer", personaId="p", timerName="a"),
@@ -77,16 +87,24 @@ def test_batch_behaves_as_if_commands_ran_one_by_one(engine: Engine) -> None:
 def test_quota_counts_within_a_batch(engine: Engine) -> None:
     clock = FakeClock(T0)
     settings = CommandSettings(max_timers_per_persona=2)
-    out = run(engine, clock, *(req(personaId="q", timerName=f"t{i}", interval="9")
-                               for i in range(3)), settings=settings)
+    out = run(
+        engine,
+        clock,
+        *(req(personaId="q", timerName=f"t{i}", interval="9") for i in range(3)),
+        settings=settings,
+    )
     assert [o.error.code if o.error else "ok" for o in out] == ["ok", "ok", "quota_exceeded"]
 
 
 def test_command_act_id_replayed_within_and_across_batches(engine: Engine) -> None:
     clock = FakeClock(T0)
     act = str(uuid.uuid4())
-    first, again = run(engine, clock, req(act=act, personaId="p", timerName="t", interval="9"),
-                       req(act=act, personaId="p", timerName="t", interval="99"))
+    first, again = run(
+        engine,
+        clock,
+        req(act=act, personaId="p", timerName="t", interval="9"),
+        req(act=act, personaId="p", timerName="t", interval="99"),
+    )
     assert again.result == first.result
     (later,) = run(engine, clock, req(act=act, personaId="p", timerName="t", interval="77"))
     assert later.result == first.result
@@ -97,10 +115,18 @@ def test_command_act_id_replayed_within_and_across_batches(engine: Engine) -> No
 def test_a_fire_is_one_transaction_with_event_and_deliveries(engine: Engine) -> None:
     clock = FakeClock(T0)
     with transaction(engine) as conn:
-        queries.upsert_subscription(conn, {
-            "subscription_id": "s1", "flow_instance_id": "f", "filter_connector_idn": "conn",
-            "filter_persona_id": None, "created_at": T0, "attached_to": None,
-            "attached_at": None})
+        queries.upsert_subscription(
+            conn,
+            {
+                "subscription_id": "s1",
+                "flow_instance_id": "f",
+                "filter_connector_idn": "conn",
+                "filter_persona_id": None,
+                "created_at": T0,
+                "attached_to": None,
+                "attached_at": None,
+            },
+        )
     run(engine, clock, req(personaId="p", timerName="t", interval="10", k="v"))
     clock.advance(10)
     with pytest.raises(RuntimeError), transaction(engine) as conn:
@@ -137,8 +163,12 @@ def test_repeating_catch_up_after_downtime(engine: Engine) -> None:
 
 def test_misfire_grace_drops_late_fires_and_counts_them(engine: Engine) -> None:
     clock = FakeClock(T0)
-    run(engine, clock, req(personaId="p", timerName="once", interval="10"),
-        req("set_repeatable_timer", personaId="p", timerName="rep", interval="10"))
+    run(
+        engine,
+        clock,
+        req(personaId="p", timerName="once", interval="10"),
+        req("set_repeatable_timer", personaId="p", timerName="rep", interval="10"),
+    )
     clock.advance(100)
     result = fire(engine, clock, grace=15)
     # the one-shot is 90 s late: dropped; the repeating one fires once for what is within 15 s
@@ -150,8 +180,12 @@ def test_misfire_grace_drops_late_fires_and_counts_them(engine: Engine) -> None:
 
 def test_wall_clock_jump_backwards_does_not_repeat_fires(engine: Engine) -> None:
     clock = FakeClock(T0)
-    run(engine, clock, req("set_repeatable_timer", personaId="p", timerName="r", interval="10"),
-        req(personaId="p", timerName="o", interval="5"))
+    run(
+        engine,
+        clock,
+        req("set_repeatable_timer", personaId="p", timerName="r", interval="10"),
+        req(personaId="p", timerName="o", interval="5"),
+    )
     clock.advance(10)
     assert fire(engine, clock).fired == 2
     clock.advance(-3600)  # the clock jumps back an hour
@@ -161,14 +195,19 @@ def test_wall_clock_jump_backwards_does_not_repeat_fires(engine: Engine) -> None
     clock.set(T0 + timedelta(seconds=20))  # and forward again to the next grid time
     assert fire(engine, clock).fired == 1
     rows = event_rows(engine)
-    assert [(r.timer_name, r.fire_count) for r in rows] == [("r", 1), ("o", 1), ("r", 2)] or \
-        [(r.timer_name, r.fire_count) for r in rows] == [("o", 1), ("r", 1), ("r", 2)]
+    assert [(r.timer_name, r.fire_count) for r in rows] == [("r", 1), ("o", 1), ("r", 2)] or [
+        (r.timer_name, r.fire_count) for r in rows
+    ] == [("o", 1), ("r", 1), ("r", 2)]
 
 
 def test_wall_clock_jump_forwards_fires_once_with_missed_count(engine: Engine) -> None:
     clock = FakeClock(T0)
-    run(engine, clock, req("set_repeatable_timer", personaId="p", timerName="r", interval="60"),
-        req(personaId="p", timerName="o", fireAt="2026-03-01T13:00:00Z"))
+    run(
+        engine,
+        clock,
+        req("set_repeatable_timer", personaId="p", timerName="r", interval="60"),
+        req(personaId="p", timerName="o", fireAt="2026-03-01T13:00:00Z"),
+    )
     clock.advance(86400)  # a day ahead
     result = fire(engine, clock)
     assert result.fired == 2
@@ -180,15 +219,27 @@ def test_wall_clock_jump_forwards_fires_once_with_missed_count(engine: Engine) -
 
 def test_disable_reenable_through_the_store(engine: Engine) -> None:
     clock = FakeClock(T0)
-    run(engine, clock, req("set_repeatable_timer", personaId="p", timerName="r", interval="10"),
-        req(personaId="p", timerName="o", interval="10"))
+    run(
+        engine,
+        clock,
+        req("set_repeatable_timer", personaId="p", timerName="r", interval="10"),
+        req(personaId="p", timerName="o", interval="10"),
+    )
     clock.advance(5)
-    run(engine, clock, req(personaId="p", timerName="r", enabled="false"),
-        req(personaId="p", timerName="o", enabled="false"))
+    run(
+        engine,
+        clock,
+        req(personaId="p", timerName="r", enabled="false"),
+        req(personaId="p", timerName="o", enabled="false"),
+    )
     clock.advance(100)
     assert fire(engine, clock).fired == 0
-    out = run(engine, clock, req(personaId="p", timerName="r", enabled="true"),
-              req(personaId="p", timerName="o", enabled="true"))
+    out = run(
+        engine,
+        clock,
+        req(personaId="p", timerName="r", enabled="true"),
+        req(personaId="p", timerName="o", enabled="true"),
+    )
     assert out[0].result["timer"]["nextFireAt"] == "2026-03-01T12:01:50Z"
     result = fire(engine, clock)
     assert result.fired == 1  # the one-shot whose time passed while disabled fires at once
@@ -197,15 +248,20 @@ def test_disable_reenable_through_the_store(engine: Engine) -> None:
 
 def test_purges(engine: Engine) -> None:
     clock = FakeClock(T0)
-    run(engine, clock, req(personaId="p", timerName="o", interval="1"),
-        req(personaId="p", timerName="keep", interval="100000"))
+    run(
+        engine,
+        clock,
+        req(personaId="p", timerName="o", interval="1"),
+        req(personaId="p", timerName="keep", interval="100000"),
+    )
     clock.advance(1)
     fire(engine, clock)
     clock.advance(8 * 86400)
     with transaction(engine) as conn:
         assert queries.purge_fired_timers(conn, clock.now() - timedelta(days=7)) == 1
         _acked, expired = queries.purge_deliveries_and_events(
-            conn, clock.now() - timedelta(hours=1), clock.now() - timedelta(days=7))
+            conn, clock.now() - timedelta(hours=1), clock.now() - timedelta(days=7)
+        )
         assert expired == 1
         assert queries.purge_command_acts(conn, clock.now()) == 0
     with engine.connect() as conn:

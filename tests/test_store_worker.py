@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, select
 
-from scheduler.clock import SystemClock
-from scheduler.commands import CommandSettings
-from scheduler.protocol import CommandRequest, decode_line
-from scheduler.worker import StoreWorker
-from store import queries
-from store.schema import subscriptions
+from program_timer.core.clock import SystemClock
+from program_timer.scheduler.commands import CommandSettings
+from program_timer.scheduler.protocol import (
+    CommandRequest,
+    decode_line,
+)
+from program_timer.scheduler.worker import StoreWorker
+from program_timer.store import queries
+from program_timer.store.schema import subscriptions
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from store.schema import metadata
+from program_timer.store.schema import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -11,23 +11,27 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from scheduler.protocol import (
-    OPS,
-    ArgumentLimits,
-    ProtocolError,
-    decode_line,
-    parse_set_command,
-    string_arguments,
-)
-from scheduler.rules import (
+from program_timer.core.model import (
     DISABLED,
     SCHEDULED,
     UNSCHEDULED,
     Limits,
     RuleError,
     SetCommand,
+)
+from program_timer.core.rules import (
     apply_set,
     fire,
+)
+from program_timer.scheduler.arguments import (
+    ArgumentLimits,
+    parse_set_command,
+    string_arguments,
+)
+from program_timer.scheduler.protocol import (
+    OPS,
+    ProtocolError,
+    decode_line,
 )
 
 # Hypothesis's failure report imports code that warns; keep a real failure readable under

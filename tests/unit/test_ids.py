@@ -1,6 +1,6 @@
 import uuid
 
-from scheduler.ids import uuid4_strings
+from program_timer.core.ids import uuid4_strings
 
 
 def test_batch_uuids_are_distinct_version_4() -> None:

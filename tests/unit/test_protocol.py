@@ -10,9 +10,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from scheduler.protocol import (
-    AckRequest,
+from program_timer.scheduler.arguments import (
     ArgumentLimits,
+    parse_fire_at,
+    parse_set_command,
+    string_arguments,
+)
+from program_timer.scheduler.protocol import (
+    AckRequest,
     CommandRequest,
     PingRequest,
     ProtocolError,
@@ -20,9 +25,6 @@ from scheduler.protocol import (
     decode_line,
     encode,
     ok_reply,
-    parse_fire_at,
-    parse_set_command,
-    string_arguments,
 )
 
 LIMITS = ArgumentLimits()

@@ -10,22 +10,24 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from scheduler.clock import FakeClock
-from scheduler.protocol import parse_fire_at
-from scheduler.rules import (
+from program_timer.core.clock import FakeClock
+from program_timer.core.model import (
     DISABLED,
     FIRED,
     SCHEDULED,
     UNSCHEDULED,
-    FireOutcome,
     Limits,
     RuleError,
     SetCommand,
     Timer,
+)
+from program_timer.core.rules import (
+    FireOutcome,
     apply_set,
     fire,
     next_grid_time,
 )
+from program_timer.scheduler.arguments import parse_fire_at
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LIMITS = Limits()

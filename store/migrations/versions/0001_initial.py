@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from store.schema import JSONDoc, UTCDateTime
+from program_timer.store.schema import JSONDoc, UTCDateTime
 
 revision = "0001"
 down_revision = None

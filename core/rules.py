@@ -13,86 +13,20 @@ anchor is ``fireAt``), ``k >= 1`` for an interval-only timer (the anchor is the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Final
 
-SCHEDULED: Final = "scheduled"
-DISABLED: Final = "disabled"
-UNSCHEDULED: Final = "unscheduled"
-FIRED: Final = "fired"
-STATES: Final = (SCHEDULED, DISABLED, UNSCHEDULED, FIRED)
-
-# Keys the fired event sets in its own `arguments`: extra arguments may not use them.
-EVENT_ARGUMENT_KEYS: Final = frozenset(
-    {
-        "personaId",
-        "timerName",
-        "scheduledAt",
-        "firedAt",
-        "fireCount",
-        "missedCount",
-        "repeatable",
-        "interval",
-    }
+from program_timer.core.clock import utc_iso
+from program_timer.core.model import (
+    DISABLED,
+    FIRED,
+    SCHEDULED,
+    UNSCHEDULED,
+    Limits,
+    RuleError,
+    SetCommand,
+    Timer,
 )
-
-
-class RuleError(ValueError):
-    """A command breaks a timer rule; nothing is changed. ``field`` names the argument."""
-
-    def __init__(self, field: str, message: str, code: str = "invalid_argument") -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-        self.code = code
-
-
-@dataclass(slots=True)
-class Timer:
-    """One timer as stored: the command's arguments plus its schedule and history."""
-
-    persona_id: str
-    timer_name: str
-    connector_idn: str
-    fire_at: datetime | None
-    timezone: str | None
-    interval: float | None
-    repeatable: bool
-    enabled: bool
-    anchor_at: datetime | None
-    planned_at: datetime | None
-    due_at: datetime | None
-    state: str
-    fire_count: int
-    last_fired_at: datetime | None
-    arguments: dict[str, str]
-    command_act_id: str
-    created_at: datetime
-    updated_at: datetime
-    id: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SetCommand:
-    """A validated ``set_timer``: ``given`` names the rule arguments the command carried."""
-
-    persona_id: str
-    timer_name: str
-    connector_idn: str
-    command_act_id: str
-    fire_at: datetime | None = None
-    timezone: str | None = None
-    interval: float | None = None
-    repeatable: bool = False
-    enabled: bool = True
-    extra: dict[str, str] | None = None
-    given: frozenset[str] = field(default_factory=frozenset)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    min_interval: float = 1.0
 
 
 def _seconds(delta: timedelta) -> float:
@@ -161,62 +95,15 @@ def apply_set(
     :raises RuleError: the command is refused; ``existing`` is untouched.
     """
     warnings: list[str] = []
-    given = cmd.given
     if existing is None:
-        timer = Timer(
-            persona_id=cmd.persona_id,
-            timer_name=cmd.timer_name,
-            connector_idn=cmd.connector_idn,
-            fire_at=None,
-            timezone=None,
-            interval=None,
-            repeatable=False,
-            enabled=True,
-            anchor_at=None,
-            planned_at=None,
-            due_at=None,
-            state=UNSCHEDULED,
-            fire_count=0,
-            last_fired_at=None,
-            arguments={},
-            command_act_id=cmd.command_act_id,
-            created_at=now,
-            updated_at=now,
-        )
-        was_enabled = True
-        completed = False
+        timer, was_enabled, completed = _new_timer(cmd, now), True, False
     else:
         timer = replace(existing, arguments=dict(existing.arguments))
-        was_enabled = existing.enabled
-        completed = existing.state == FIRED
+        was_enabled, completed = existing.enabled, existing.state == FIRED
+    _take_arguments(timer, cmd, now)
+    _check_repeat(timer, limits)
 
-    if "fireAt" in given:
-        timer.fire_at = cmd.fire_at
-        timer.timezone = cmd.timezone
-    if "interval" in given:
-        timer.interval = cmd.interval
-    if "repeatable" in given:
-        timer.repeatable = cmd.repeatable
-    if "enabled" in given:
-        timer.enabled = cmd.enabled
-    if cmd.extra is not None:
-        timer.arguments = dict(cmd.extra)
-    timer.connector_idn = cmd.connector_idn
-    timer.command_act_id = cmd.command_act_id
-    timer.updated_at = now
-
-    if timer.repeatable:
-        if timer.interval is None:
-            raise RuleError("interval", 'interval is required when repeatable is "true"')
-        if timer.interval < limits.min_interval:
-            raise RuleError(
-                "interval",
-                f"interval {timer.interval:g} s is below the minimum repeat interval of "
-                f"{limits.min_interval:g} s",
-            )
-
-    restart = existing is None or bool(given & {"fireAt", "interval", "repeatable"})
-    if restart:
+    if existing is None or cmd.given & {"fireAt", "interval", "repeatable"}:
         completed = False
         _plan(timer, now, warnings)
     elif (
@@ -234,6 +121,62 @@ def apply_set(
     if timer.state == UNSCHEDULED:
         warnings.append("the timer has neither fireAt nor interval: it is kept but never fires")
     return timer, warnings
+
+
+def _new_timer(cmd: SetCommand, now: datetime) -> Timer:
+    """A timer as created: every rule argument at its default, no schedule yet."""
+    return Timer(
+        persona_id=cmd.persona_id,
+        timer_name=cmd.timer_name,
+        connector_idn=cmd.connector_idn,
+        fire_at=None,
+        timezone=None,
+        interval=None,
+        repeatable=False,
+        enabled=True,
+        anchor_at=None,
+        planned_at=None,
+        due_at=None,
+        state=UNSCHEDULED,
+        fire_count=0,
+        last_fired_at=None,
+        arguments={},
+        command_act_id=cmd.command_act_id,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _take_arguments(timer: Timer, cmd: SetCommand, now: datetime) -> None:
+    """The arguments the command gave replace the stored ones (upsert)."""
+    given = cmd.given
+    if "fireAt" in given:
+        timer.fire_at = cmd.fire_at
+        timer.timezone = cmd.timezone
+    if "interval" in given:
+        timer.interval = cmd.interval
+    if "repeatable" in given:
+        timer.repeatable = cmd.repeatable
+    if "enabled" in given:
+        timer.enabled = cmd.enabled
+    if cmd.extra is not None:
+        timer.arguments = dict(cmd.extra)
+    timer.connector_idn = cmd.connector_idn
+    timer.command_act_id = cmd.command_act_id
+    timer.updated_at = now
+
+
+def _check_repeat(timer: Timer, limits: Limits) -> None:
+    if not timer.repeatable:
+        return
+    if timer.interval is None:
+        raise RuleError("interval", 'interval is required when repeatable is "true"')
+    if timer.interval < limits.min_interval:
+        raise RuleError(
+            "interval",
+            f"interval {timer.interval:g} s is below the minimum repeat interval of "
+            f"{limits.min_interval:g} s",
+        )
 
 
 def _plan(timer: Timer, now: datetime, warnings: list[str]) -> None:
@@ -259,8 +202,7 @@ def _plan(timer: Timer, now: datetime, warnings: list[str]) -> None:
     timer.planned_at = next_grid_time(timer, now)
     if fire_at is not None and fire_at < now:
         warnings.append(
-            "fireAt is in the past: the timer fires next at "
-            f"{timer.planned_at.isoformat().replace('+00:00', 'Z')}"
+            f"fireAt is in the past: the timer fires next at {utc_iso(timer.planned_at)}"
         )
 
 
@@ -336,12 +278,3 @@ def fire(timer: Timer, now: datetime, misfire_grace: float | None) -> FireOutcom
         next_at,
         SCHEDULED,
     )
-
-
-def format_interval(interval: float | None) -> str | None:
-    """An interval as the string the platform uses: ``"240"``, ``"0.5"``."""
-    if interval is None:
-        return None
-    if interval == int(interval):
-        return str(int(interval))
-    return repr(interval)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from scheduler.clock import utc_iso
-from scheduler.rules import Timer, format_interval
+from program_timer.core.clock import utc_iso
+from program_timer.core.model import Timer, format_interval
 
 
 def event_arguments(

@@ -1,0 +1,124 @@
+"""SQL of subscriptions and of the daemons sharing the database (heartbeats, attachment)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, delete, insert, select, update
+
+from program_timer.store.schema import daemons, deliveries, subscriptions
+
+
+def all_subscriptions(conn: Connection) -> list[Row[Any]]:
+    return list(conn.execute(select(subscriptions)))
+
+
+def get_subscription(conn: Connection, subscription_id: str) -> Row[Any] | None:
+    return conn.execute(
+        select(subscriptions).where(subscriptions.c.subscription_id == subscription_id)
+    ).first()
+
+
+def upsert_subscription(conn: Connection, values: dict[str, Any]) -> bool:
+    """Create the subscription or update its flow instance and filter; True if created."""
+    existing = get_subscription(conn, values["subscription_id"])
+    if existing is None:
+        conn.execute(insert(subscriptions).values(**values))
+        return True
+    conn.execute(
+        update(subscriptions)
+        .where(subscriptions.c.subscription_id == values["subscription_id"])
+        .values(
+            flow_instance_id=values["flow_instance_id"],
+            filter_connector_idn=values["filter_connector_idn"],
+            filter_persona_id=values["filter_persona_id"],
+            attached_to=values["attached_to"],
+            attached_at=values["attached_at"],
+        )
+    )
+    return False
+
+
+def detach_subscriptions(conn: Connection, subscription_ids: Sequence[str], daemon_id: str) -> None:
+    if subscription_ids:
+        conn.execute(
+            update(subscriptions)
+            .where(
+                subscriptions.c.subscription_id.in_(list(subscription_ids)),
+                subscriptions.c.attached_to == daemon_id,
+            )
+            .values(attached_to=None, attached_at=None)
+        )
+
+
+def detach_daemon(conn: Connection, daemon_id: str) -> None:
+    conn.execute(
+        update(subscriptions)
+        .where(subscriptions.c.attached_to == daemon_id)
+        .values(attached_to=None, attached_at=None)
+    )
+
+
+def attached_elsewhere(
+    conn: Connection, subscription_ids: Sequence[str], daemon_id: str
+) -> set[str]:
+    """Those of the given subscriptions that are no longer attached to this daemon."""
+    if not subscription_ids:
+        return set()
+    here = {
+        r[0]
+        for r in conn.execute(
+            select(subscriptions.c.subscription_id).where(
+                subscriptions.c.subscription_id.in_(list(subscription_ids)),
+                subscriptions.c.attached_to == daemon_id,
+            )
+        )
+    }
+    return set(subscription_ids) - here
+
+
+def delete_subscription(conn: Connection, subscription_id: str) -> bool:
+    conn.execute(delete(deliveries).where(deliveries.c.subscription_id == subscription_id))
+    return bool(
+        conn.execute(
+            delete(subscriptions).where(subscriptions.c.subscription_id == subscription_id)
+        ).rowcount
+    )
+
+
+def register_daemon(conn: Connection, values: dict[str, Any]) -> None:
+    conn.execute(delete(daemons).where(daemons.c.daemon_id == values["daemon_id"]))
+    conn.execute(insert(daemons).values(**values))
+
+
+def heartbeat(conn: Connection, daemon_id: str, now: datetime) -> None:
+    conn.execute(update(daemons).where(daemons.c.daemon_id == daemon_id).values(heartbeat_at=now))
+
+
+def forget_daemon(conn: Connection, daemon_id: str) -> None:
+    conn.execute(delete(daemons).where(daemons.c.daemon_id == daemon_id))
+
+
+def live_daemons(conn: Connection, since: datetime) -> list[Row[Any]]:
+    return list(
+        conn.execute(
+            select(daemons).where(daemons.c.heartbeat_at >= since).order_by(daemons.c.started_at)
+        )
+    )
+
+
+def purge_dead_daemons(conn: Connection, before: datetime) -> list[str]:
+    dead = [
+        r[0]
+        for r in conn.execute(select(daemons.c.daemon_id).where(daemons.c.heartbeat_at < before))
+    ]
+    if dead:
+        conn.execute(
+            update(subscriptions)
+            .where(subscriptions.c.attached_to.in_(dead))
+            .values(attached_to=None, attached_at=None)
+        )
+        conn.execute(delete(daemons).where(daemons.c.daemon_id.in_(dead)))
+    return dead

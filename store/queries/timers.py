@@ -1,0 +1,194 @@
+"""SQL of the timers table: what commands read and write, and what the fire pass claims."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select, text, update
+from sqlalchemy.sql.elements import TextClause
+
+from program_timer.core.model import FIRED, Timer
+from program_timer.store.queries.batches import chunks
+from program_timer.store.schema import timers
+
+# The Timer's fields are the table's columns (the schema is their one source), but one name.
+_FIELD_OF: Final = {"interval_s": "interval"}
+_PAIRS: Final = tuple((c.name, _FIELD_OF.get(c.name, c.name)) for c in timers.c)
+TIMER_COLUMNS: Final = tuple(column for column, _ in _PAIRS if column != "id")
+
+
+def timer_from_row(row: Row[Any]) -> Timer:
+    m = row._mapping
+    timer = Timer(**{name: m[column] for column, name in _PAIRS})
+    timer.arguments = dict(timer.arguments or {})
+    return timer
+
+
+def _timer_values(t: Timer) -> dict[str, Any]:
+    return {column: getattr(t, name) for column, name in _PAIRS if column != "id"}
+
+
+def load_timers(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Timer]:
+    """The timers with these keys: one index probe per key.
+
+    The keys are joined as a ``VALUES`` list: SQLite scans the whole table for a row-value
+    ``IN``, and ``persona_id IN … AND timer_name IN …`` probes every combination.
+    """
+    ordered = list(dict.fromkeys(keys))
+    found: dict[tuple[str, str], Timer] = {}
+    for chunk in chunks(ordered):
+        # Pad to a power of two (repeating the last key) so that only a few statement shapes
+        # exist: each shape is compiled and cached by SQLAlchemy and by the driver.
+        chunk += [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk))
+        params: dict[str, str] = {}
+        for i, (persona, name) in enumerate(chunk):
+            params[f"p{i}"] = persona
+            params[f"n{i}"] = name
+        for row in conn.execute(_load_statement(len(chunk)), params):
+            t = timer_from_row(row)
+            found[(t.persona_id, t.timer_name)] = t
+    return found
+
+
+@functools.cache
+def _load_statement(size: int) -> TextClause:
+    rows = ", ".join(f"(:p{i}, :n{i})" for i in range(size))
+    return text(
+        f"WITH k(p, n) AS (VALUES {rows}) SELECT timers.* FROM k JOIN timers "
+        "ON timers.persona_id = k.p AND timers.timer_name = k.n"
+    ).columns(*timers.c)  # type: ignore[return-value]
+
+
+def get_timer(conn: Connection, persona_id: str, timer_name: str) -> Timer | None:
+    row = conn.execute(
+        select(timers).where(timers.c.persona_id == persona_id, timers.c.timer_name == timer_name)
+    ).first()
+    return timer_from_row(row) if row else None
+
+
+def count_timers(conn: Connection, personas: Iterable[str]) -> dict[str, int]:
+    unique = list(set(personas))
+    counts = dict.fromkeys(unique, 0)
+    for chunk in chunks(unique):
+        stmt = (
+            select(timers.c.persona_id, func.count())
+            .where(timers.c.persona_id.in_(chunk))
+            .group_by(timers.c.persona_id)
+        )
+        for persona, n in conn.execute(stmt):
+            counts[persona] = n
+    return counts
+
+
+def insert_timers(conn: Connection, new: Sequence[Timer]) -> None:
+    if new:
+        conn.execute(insert(timers), [_timer_values(t) for t in new])
+
+
+_UPDATE_TIMER = (
+    update(timers)
+    .where(timers.c.id == bindparam("_id"))
+    .values({c: bindparam(c) for c in TIMER_COLUMNS})
+)
+
+
+def update_timers(conn: Connection, changed: Sequence[Timer]) -> None:
+    if changed:
+        conn.execute(_UPDATE_TIMER, [{"_id": t.id, **_timer_values(t)} for t in changed])
+
+
+def delete_timer_ids(conn: Connection, ids: Sequence[int]) -> None:
+    if ids:
+        conn.execute(delete(timers).where(timers.c.id.in_(list(ids))))
+
+
+def delete_persona_timers(conn: Connection, persona_id: str) -> int:
+    return conn.execute(delete(timers).where(timers.c.persona_id == persona_id)).rowcount
+
+
+def list_timers(conn: Connection, persona_id: str, after: str | None, limit: int) -> list[Timer]:
+    stmt = select(timers).where(timers.c.persona_id == persona_id)
+    if after is not None:
+        stmt = stmt.where(timers.c.timer_name > after)
+    stmt = stmt.order_by(timers.c.timer_name).limit(limit)
+    return [timer_from_row(r) for r in conn.execute(stmt)]
+
+
+def next_due_at(conn: Connection) -> datetime | None:
+    result: datetime | None = conn.execute(
+        select(timers.c.due_at)
+        .where(timers.c.due_at.is_not(None))
+        .order_by(timers.c.due_at)
+        .limit(1)
+    ).scalar()
+    return result
+
+
+def claim_due(conn: Connection, now: datetime, limit: int) -> list[Timer]:
+    """Lock and return up to ``limit`` due timers, oldest first.
+
+    On PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED``: timers another daemon is firing
+    are skipped, and the lock lasts until this transaction ends (commit, rollback, or the
+    connection dying), so a dead daemon's claim is released by the server itself.
+    """
+    stmt = (
+        select(timers)
+        .where(timers.c.due_at <= now)
+        .order_by(timers.c.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [timer_from_row(r) for r in conn.execute(stmt)]
+
+
+_UPDATE_FIRED = (
+    update(timers)
+    .where(timers.c.id == bindparam("_id"))
+    .values(
+        planned_at=bindparam("planned_at"),
+        due_at=bindparam("due_at"),
+        state=bindparam("state"),
+        fire_count=bindparam("fire_count"),
+        last_fired_at=bindparam("last_fired_at"),
+    )
+)
+
+
+def update_fired(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows: ``_id``, ``planned_at``, ``due_at``, ``state``, ``fire_count``, ``last_fired_at``."""
+    if rows:
+        conn.execute(_UPDATE_FIRED, list(rows))
+
+
+def complete_one_shots(conn: Connection, ids: Sequence[int], fired_at: datetime) -> None:
+    """Mark fired one-shot timers completed: one statement for the whole batch."""
+    if ids:
+        conn.execute(
+            update(timers)
+            .where(timers.c.id.in_(list(ids)))
+            .values(
+                planned_at=None,
+                due_at=None,
+                state=FIRED,
+                fire_count=timers.c.fire_count + 1,
+                last_fired_at=fired_at,
+            )
+        )
+
+
+def purge_fired_timers(conn: Connection, before: datetime) -> int:
+    stmt = delete(timers).where(
+        timers.c.state == FIRED,
+        timers.c.updated_at < before,
+    )
+    return conn.execute(stmt).rowcount
+
+
+def timer_counts(conn: Connection) -> dict[str, int]:
+    return {
+        state: n
+        for state, n in conn.execute(select(timers.c.state, func.count()).group_by(timers.c.state))
+    }
