@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -58,15 +59,27 @@ def configure(log_format: str = "auto", level: str = "info", stream: Any = None)
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 renderer,
             ],
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, _library_action],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
+    logging.captureWarnings(True)  # Python warnings (a library's deprecation…) are log lines
     # APScheduler logs every run of the fire job; we log the fires themselves.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _library_action(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Lines of other libraries (psycopg, APScheduler, Python warnings) get an ``action`` too,
+    so that every line can be filtered on it: ``library_<logger>``."""
+    if "action" not in event:
+        logger = str(event.get("logger") or "python").split(".")[0]
+        event["action"] = f"library_{logger}"
+    return event
 
 
 def get_logger(**context: Any) -> Any:

@@ -51,6 +51,8 @@ class Timer:
     fire_at: datetime | None
     timezone: str | None
     interval: float | None
+    rrule: str | None
+    cron: str | None
     repeatable: bool
     enabled: bool
     anchor_at: datetime | None

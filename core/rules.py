@@ -132,6 +132,8 @@ def _new_timer(cmd: SetCommand, now: datetime) -> Timer:
         fire_at=None,
         timezone=None,
         interval=None,
+        rrule=None,
+        cron=None,
         repeatable=False,
         enabled=True,
         anchor_at=None,

@@ -113,8 +113,9 @@ class Dispatcher:
         self._daemon_id = daemon_id
         self._ack_timeout = ack_timeout
         self._max_inflight = max_inflight
-        # Refill a subscription once this much of its window is free (half of it).
+        # Refill a connection once this much of its window is free (half of it).
         self._refill_at = max(1, max_inflight // 2)
+        self._turn = 0
         self._now = now
         self._poll = poll_interval
         self._attached: dict[str, Attachment] = {}
@@ -123,7 +124,7 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._acks: list[_PendingAck] = []
         self._ack_writer: asyncio.Task[None] | None = None
-        self._backoff = Backoff("delivery_refill")
+        self.backoff = Backoff("delivery_refill")
 
     async def _db(self, fn: Callable[[Connection], Any], *, durable: bool = True) -> Any:
         return await asyncio.wrap_future(self._worker.call(fn, durable=durable))
@@ -300,25 +301,41 @@ class Dispatcher:
                 raise
             except StoreUnavailable as exc:
                 # The outage is logged once, as database_down; pumping resumes after it.
-                await asyncio.sleep(self._backoff.failed(str(exc), unavailable=True))
+                await asyncio.sleep(self.backoff.failed(str(exc), unavailable=True))
             except Exception as exc:
-                await asyncio.sleep(self._backoff.failed(repr(exc)))
+                await asyncio.sleep(self.backoff.failed(repr(exc)))
             else:
-                self._backoff.succeeded()
+                self.backoff.succeeded()
 
-    async def pump(self) -> None:
-        """Send what each attached subscription may receive now, up to its capacity: once at
-        least half of its window is free, or at once when a resend fell due."""
+    def _wanted(self) -> dict[str, int]:
+        """How many deliveries each attached subscription may be sent now.
+
+        The window (``max_inflight`` unacked deliveries) is the connection's, shared by the
+        subscriptions it holds: a connection is refilled once at least half of its window is
+        free, or at once when a resend fell due, each of its subscriptions getting an equal
+        share. A connection that does not read what it was sent gets nothing more."""
         mono = time.monotonic()
-        wanted: dict[str, int] = {}
-        for sid, a in list(self._attached.items()):
+        by_peer: dict[int, list[Attachment]] = {}
+        for a in self._attached.values():
             if a.peer.closed or a.peer.backlogged:
                 continue
             a.expire(mono)
-            capacity = self._max_inflight - len(a.inflight)
-            if capacity >= self._refill_at or (capacity > 0 and a.resend_due):
-                wanted[sid] = capacity
-                a.resend_due = False
+            by_peer.setdefault(id(a.peer), []).append(a)
+        wanted: dict[str, int] = {}
+        for subs in by_peer.values():
+            free = self._max_inflight - sum(len(a.inflight) for a in subs)
+            if free >= self._refill_at or (free > 0 and any(a.resend_due for a in subs)):
+                share = max(1, free // len(subs))
+                self._turn += 1  # more subscriptions than free places: each gets its turn
+                start = self._turn % len(subs)
+                for a in (subs[start:] + subs[:start])[:free]:
+                    wanted[a.subscription_id] = share
+                    a.resend_due = False
+        return wanted
+
+    async def pump(self) -> None:
+        """Send what each attached subscription may receive now (see :meth:`_wanted`)."""
+        wanted = self._wanted()
         if not wanted:
             return
         now = self._now()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from program_timer import __version__
@@ -45,7 +46,7 @@ from program_timer.scheduler.worker import StoreWorker
 from program_timer.store import sqlite
 from program_timer.store.db import health, make_engine, normalize_url, transaction, upgrade
 from program_timer.store.errors import StoreError
-from program_timer.store.jobstore import TimerJobStore
+from program_timer.store.jobstore import FIRE_JOB_ID, TimerJobStore
 from program_timer.store.notify import DELIVERIES, WAKEUP, Listener, notify
 
 log = get_logger()
@@ -128,7 +129,9 @@ class Daemon:
             # From now on the file must stay the one just opened (and migrated).
             sqlite.DatabaseFile(path).watch(self.engine)
 
-        maintenance = Maintenance(self.engine, self.clock, self.daemon_id, settings.retention)
+        maintenance = self._maintenance = Maintenance(
+            self.engine, self.clock, self.daemon_id, settings.retention
+        )
         await asyncio.to_thread(maintenance.register)
         stack.push_async_callback(asyncio.to_thread, maintenance.unregister)
 
@@ -216,6 +219,13 @@ class Daemon:
             connections=lambda: len(self.server.connections),
             database_timeout=self.settings.database_timeout,
             health=health(self.engine),
+            background={
+                "firePass": self.fire_loop.backoff,
+                "deliveryRefill": self.dispatcher.backoff,
+                "dueLookup": self.jobstore.backoff,
+                "heartbeat": self._maintenance.heartbeat_backoff,
+                "purge": self._maintenance.purge_backoff,
+            },
         )
         return self.requests
 
@@ -226,7 +236,7 @@ class Daemon:
             poll_interval=self.settings.poll_interval,
             now=self.clock.now,
         )
-        self.scheduler = BackgroundScheduler(
+        self.scheduler = _Scheduler(
             timezone="UTC",
             jobstore_retry_interval=1,
             executors={"default": ThreadPoolExecutor(1), "firing": ThreadPoolExecutor(1)},
@@ -262,6 +272,18 @@ class Daemon:
                 notify(conn, WAKEUP, self.daemon_id)
 
 
+class _Scheduler(BackgroundScheduler):  # type: ignore[misc]
+    """APScheduler's background scheduler; at a stop, the fire job's removal after its last
+    run may find the scheduler already stopped (its job list empty): that is no error."""
+
+    def remove_job(self, job_id: str, jobstore: str | None = None) -> None:
+        try:
+            super().remove_job(job_id, jobstore)
+        except JobLookupError:
+            if job_id != FIRE_JOB_ID:
+                raise
+
+
 async def _watchdog(interval: float) -> None:
     while True:
         systemd.notify("WATCHDOG=1")
@@ -269,5 +291,9 @@ async def _watchdog(interval: float) -> None:
 
 
 def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-    """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP calls ``reload``."""
+    """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP calls ``reload``.
+
+    Files the daemon creates (the SQLite database, its WAL, the lock file) are private to its
+    user, as under systemd's ``UMask=0077``; the socket gets its own configured mode."""
+    os.umask(0o077)
     asyncio.run(Daemon(settings, reload=reload).run())

@@ -20,6 +20,7 @@ from sqlalchemy import Connection
 
 from program_timer import __version__
 from program_timer.core import logs
+from program_timer.core.backoff import Backoff
 from program_timer.core.clock import Clock, utc_iso
 from program_timer.core.model import STATES
 from program_timer.events.delivery import Dispatcher
@@ -71,7 +72,9 @@ class RequestHandler:
         *,
         database_timeout: float,
         health: Health,
+        background: dict[str, Backoff] | None = None,
     ) -> None:
+        self._background = background or {}
         self._timeout = database_timeout
         self._health = health
         self._facts = facts
@@ -190,6 +193,12 @@ class RequestHandler:
             "connectedSubscribers": self._dispatcher.connected_subscribers,
             "connections": self._connections(),
             "daemons": None,
+            # Background work failing now (retried with backoff), with its failures in a row.
+            "failing": {
+                name: backoff.failures
+                for name, backoff in self._background.items()
+                if backoff.failing
+            },
         }
 
     def commands_committed(self, done: list[tuple[CommandRequest, Outcome]]) -> datetime | None:

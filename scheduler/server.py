@@ -44,6 +44,16 @@ DROP_GRACE: Final = 5.0
 """Seconds to flush the last error to a dropped client before aborting its connection."""
 FD_RESERVE: Final = 256
 """File descriptors kept beyond ``max_connections`` (database, logs, listening socket)."""
+SOCKET_CHECK: Final = 2.0
+"""Seconds between two checks that the socket file is still the daemon's."""
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 class ClientConnection:
@@ -208,6 +218,8 @@ class SocketServer:
         self._backlog = backlog
         self._server: asyncio.AbstractServer | None = None
         self._owns_path = False
+        self._identity: tuple[int, int] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.connections: set[ClientConnection] = set()
         self._counter = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -222,6 +234,11 @@ class SocketServer:
             log.info("listening on the socket systemd passed", action="listening", activated=True)
             return
         claim_socket_path(self.path)
+        await self._listen()
+        log.info("listening", action="listening", socket=self.path, mode=f"{self._mode:04o}")
+        self._watch = asyncio.create_task(self._watch_path(), name="socket-watch")
+
+    async def _listen(self) -> None:
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
@@ -230,8 +247,35 @@ class SocketServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, self._mode)
+        self._identity = _identity(self.path)
         self._owns_path = True
-        log.info("listening", action="listening", socket=self.path, mode=oct(self._mode))
+
+    async def _watch_path(self) -> None:
+        """The socket file is the daemon's only door: when it disappears (or another file takes
+        its place), listen again at the same path, so that clients can reach the daemon."""
+        while self._owns_path:
+            await asyncio.sleep(SOCKET_CHECK)
+            if not self._owns_path or _identity(self.path) == self._identity:
+                continue
+            log.error(
+                "the socket file disappeared; listening on a new one",
+                action="socket_recreated",
+                socket=self.path,
+            )
+            old = self._server
+            try:
+                claim_socket_path(self.path)
+                await self._listen()
+            except (OSError, RuntimeError) as exc:
+                log.error(
+                    "cannot listen on the socket again: restart the daemon",
+                    action="socket_lost",
+                    reason=str(exc),
+                )
+                self._owns_path = False
+                return
+            if old is not None:
+                old.close()  # its connections stay open
 
     async def stop(self) -> None:
         """Stop accepting, then close every connection (their last replies are flushed)."""
@@ -239,12 +283,15 @@ class SocketServer:
         await self.close_all()
 
     async def stop_accepting(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self._server is not None:
             self._server.close()
         if self._owns_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
             self._owns_path = False
+            if _identity(self.path) == self._identity:  # never remove another's socket
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
 
     async def close_all(self, grace: float = 2.0) -> None:
         for conn in list(self.connections):

@@ -59,7 +59,7 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         self._planned: datetime | None = None  # the wake-up last given to the scheduler
         self._changes = 0  # commands seen by wake_if_before (guards a plan read meanwhile)
         self._lock = threading.Lock()
-        self._backoff = Backoff("due_lookup", first=retry_interval / 8, cap=retry_interval * 5)
+        self.backoff = Backoff("due_lookup", first=retry_interval / 8, cap=retry_interval * 5)
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -89,7 +89,7 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         try:
             due = self._next_due()
         except StoreError:
-            return now + timedelta(seconds=self._backoff.failed_delay)
+            return now + timedelta(seconds=self.backoff.failed_delay)
         horizon = now + self._poll
         plan = horizon if due is None or due > horizon else due
         with self._lock:
@@ -136,12 +136,12 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
             with read_transaction(self._engine) as conn:
                 due = queries.next_due_at(conn)
         except StoreUnavailable as exc:
-            self._backoff.failed(str(exc), unavailable=True)
+            self.backoff.failed(str(exc), unavailable=True)
             raise
         except StoreError as exc:
-            self._backoff.failed(str(exc))
+            self.backoff.failed(str(exc))
             raise
-        self._backoff.succeeded()
+        self.backoff.succeeded()
         return due
 
     def lookup_job(self, job_id: str) -> Job | None:

@@ -41,7 +41,6 @@ class Listener:
         self._handlers = handlers
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
-        self.connected = threading.Event()
 
     def start(self) -> None:
         self._thread.start()
@@ -54,10 +53,14 @@ class Listener:
         delay = 0.5
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=3) as conn:
+                with psycopg.connect(
+                    self._conninfo,
+                    autocommit=True,
+                    connect_timeout=3,
+                    application_name=f"program-timer {self._daemon_id} listener"[:63],
+                ) as conn:
                     for channel in self._handlers:
                         conn.execute(f"LISTEN {channel}")
-                    self.connected.set()
                     delay = 0.5
                     # Whatever happened while we were not listening: look once.
                     for handler in self._handlers.values():
@@ -69,7 +72,6 @@ class Listener:
                                 if wake is not None:
                                     wake()
             except psycopg.Error as exc:
-                self.connected.clear()
                 log.debug("listener reconnecting", action="listener_retry", reason=str(exc))
                 self._stop.wait(delay)
                 delay = min(10.0, delay * 2)

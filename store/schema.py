@@ -71,6 +71,10 @@ timers = Table(
     Column("fire_at", UTCDateTime(), nullable=True),
     Column("timezone", String(64), nullable=True),
     Column("interval_s", Float(), nullable=True),
+    # A calendar schedule instead of an interval (SPEC 7.5): an RFC 5545 RRULE or five cron
+    # fields, read in `timezone` (migration 0002).
+    Column("rrule", String(1024), nullable=True),
+    Column("cron", String(255), nullable=True),
     Column("repeatable", Boolean(), nullable=False, default=False),
     Column("enabled", Boolean(), nullable=False, default=True),
     # The schedule: a repeating timer fires at anchor_at + k * interval_s.
@@ -125,6 +129,7 @@ subscriptions = Table(
     # The daemon whose connection holds the subscription now (NULL: nobody is attached).
     Column("attached_to", String(64), nullable=True),
     Column("attached_at", UTCDateTime(), nullable=True),
+    Column("last_ack_at", UTCDateTime(), nullable=True),  # (0002)
 )
 
 deliveries = Table(
@@ -144,6 +149,8 @@ deliveries = Table(
     Column("sent_at", UTCDateTime(), nullable=True),
     Column("acked_at", UTCDateTime(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
+    # Dead letter (SPEC 7.4): no longer sent, kept and counted until redelivered (0002).
+    Column("dead_at", UTCDateTime(), nullable=True),
     Index("ix_deliveries_pending", "subscription_id", "acked_at", "id"),
     Index("ix_deliveries_acked", "acked_at"),
     Index("ix_deliveries_event", "event_id"),

@@ -56,8 +56,11 @@ def load_timers(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple
 @functools.cache
 def _load_statement(size: int) -> TextClause:
     rows = ", ".join(f"(:p{i}, :n{i})" for i in range(size))
+    # The columns by name, in the schema's order: `.columns()` maps them by position, and a
+    # migrated table has its later columns at the end.
+    names = ", ".join(f"timers.{c.name}" for c in timers.c)
     return text(
-        f"WITH k(p, n) AS (VALUES {rows}) SELECT timers.* FROM k JOIN timers "
+        f"WITH k(p, n) AS (VALUES {rows}) SELECT {names} FROM k JOIN timers "
         "ON timers.persona_id = k.p AND timers.timer_name = k.n"
     ).columns(*timers.c)  # type: ignore[return-value]
 
