@@ -348,10 +348,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--follow", "-f", is_flag=True, required=True, help="Print events as they fire.")
 @click.option("--connector", "-C", help="Only events of this connectorIdn.")
 @click.option("--persona", "-p", help="Only events of this personaId.")
-@click.option("--subscription", help="Durable subscription id (default: a new one each run).")
+@click.option(
+    "--subscription",
+    help="Durable subscription id (default: a new one each run, removed when it ends).",
+)
 @click.option("--ack", is_flag=True, help="Ack each event once printed (consumes it).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per event message.")
-@click.option("--count", type=int, help="Stop after this many events.")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many events.")
 @click.pass_context
 def events(
     ctx: click.Context,
@@ -363,11 +366,49 @@ def events(
     as_json: bool,
     count: int | None,
 ) -> None:
-    """Follow timer events as they fire (Ctrl-C to stop)."""
+    """Follow timer events as they fire (Ctrl-C, SIGTERM or SIGHUP to stop).
+
+    Waits for events for as long as it runs. A lost connection is retried with backoff, with one
+    line on stderr when it is lost and one when it is back; an error retrying cannot fix ends
+    the command with the daemon's message. Without --subscription, the subscription is a new
+    one, removed when the command ends.
+    """
+    import signal
+
+    from program_timer.events.client import describe
+
     settings = _settings(ctx.obj["config"], socket=ctx.obj["socket"])
-    stream = EventStream(settings.socket, subscription, connector_idn=connector, persona_id=persona)
-    seen = 0
+    down = False
+
+    def on_change(state: str, error: Exception | None) -> None:
+        nonlocal down
+        if state == "lost" and not down:
+            down = True
+            reason = describe(error) if error is not None else "unknown reason"
+            what = "connection lost" if stream.has_subscribed else "cannot subscribe yet"
+            click.echo(f"program-timer: {what} ({reason}); reconnecting", err=True)
+        elif state in ("connected", "reconnected") and down:
+            down = False
+            click.echo("program-timer: reconnected", err=True)
+
+    stream = EventStream(
+        settings.socket,
+        subscription,
+        connector_idn=connector,
+        persona_id=persona,
+        wait_for_daemon=False,
+        on_connection_change=on_change,
+    )
     temporary = subscription is None
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM and SIGHUP end the command as Ctrl-C does
+
+    previous: dict[signal.Signals, Any] = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave the signals alone
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, stop)
+    seen = 0
     try:
         for delivery in stream:
             message = delivery.message
@@ -390,11 +431,28 @@ def events(
                 break
     except KeyboardInterrupt:
         pass
+    except ClientError as exc:
+        where = f" (argument {exc.field})" if exc.field else ""
+        _fail(f"{exc.code}{where}: {exc.message}")
+    except OSError as exc:  # the first connection: retrying is for connections that worked
+        _fail(
+            f"cannot reach the daemon at {settings.socket}: {describe(exc)}. Is it running? "
+            "Start it with `program-timer serve` (the socket is set by --socket, "
+            "PROGRAM_TIMER_SOCKET or the configuration file, the same for both commands)."
+        )
     finally:
-        if temporary and stream.client is not None:
-            with contextlib.suppress(ClientError, ConnectionLost, OSError):
-                stream.client.unsubscribe(stream.subscription_id)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stream.close()
+        if temporary and stream.has_subscribed:
+            try:
+                stream.unsubscribe(timeout=5.0)
+            except (ClientError, OSError) as exc:
+                click.echo(
+                    f"program-timer: could not remove the subscription "
+                    f"{stream.subscription_id}: {describe(exc)}",
+                    err=True,
+                )
 
 
 if __name__ == "__main__":  # pragma: no cover
