@@ -130,10 +130,12 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     """Run the daemon in the foreground (SQLite file in the current folder by default)."""
     from program_timer.core.logs import configure, get_logger
     from program_timer.scheduler.daemon import serve as run
-    from program_timer.store.errors import AlreadyRunning, StoreUnavailable
+    from program_timer.store.db import normalize_url
+    from program_timer.store.errors import AlreadyRunning, StoreError
 
     settings = _settings(ctx.obj["config"], socket=ctx.obj["socket"], **flags)
     configure(settings.log_format, settings.log_level)
+    database = normalize_url(settings.database_url).render_as_string(hide_password=True)
     try:
         run(
             settings,
@@ -141,11 +143,12 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
         )
     except AlreadyRunning as exc:
         _fail(str(exc), 3)
-    except StoreUnavailable as exc:
-        _fail(f"cannot open the database: {exc}", 4)
-    except RuntimeError as exc:
+    except StoreError as exc:  # the database cannot be opened, read or migrated
         get_logger().error("cannot start", action="start_failed", reason=str(exc))
-        _fail(str(exc), 3)
+        _fail(f"cannot use the database {database}: {exc}", 4)
+    except (RuntimeError, OSError) as exc:  # the socket cannot be made
+        get_logger().error("cannot start", action="start_failed", reason=str(exc))
+        _fail(f"cannot start: {exc}", 3)
 
 
 def _parse_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
