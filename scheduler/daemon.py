@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import uvloop
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -293,7 +294,9 @@ async def _watchdog(interval: float) -> None:
 def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP calls ``reload``.
 
+    The event loop is uvloop's (libuv): the socket side's framing, pipelining and pushes cost
+    less CPU per message than on asyncio's default loop, under the one GIL the daemon has.
     Files the daemon creates (the SQLite database, its WAL, the lock file) are private to its
     user, as under systemd's ``UMask=0077``; the socket gets its own configured mode."""
     os.umask(0o077)
-    asyncio.run(Daemon(settings, reload=reload).run())
+    uvloop.run(Daemon(settings, reload=reload).run())

@@ -11,6 +11,7 @@ import json
 import uuid
 from typing import Annotated, Any, Final, Literal
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -241,7 +242,11 @@ def error_reply(rid: Any, err: ProtocolError) -> dict[str, Any]:
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One line of compact UTF-8 JSON (orjson: every reply and pushed event goes through here).
+
+    :raises TypeError: the message holds a lone surrogate, which is not text.
+    """
+    return orjson.dumps(message, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
 
 
 def timer_to_wire(timer: Timer) -> dict[str, Any]:

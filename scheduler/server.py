@@ -361,7 +361,8 @@ class SocketServer:
             self._tasks.discard(task)
 
     async def _refuse(self, conn: ClientConnection, code: str, message: str) -> None:
-        conn.writer.write(encode(error_reply(None, ProtocolError(code, message))))
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            conn.writer.write(encode(error_reply(None, ProtocolError(code, message))))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(conn.writer.drain(), 1.0)
         conn.close()
@@ -484,7 +485,7 @@ class SocketServer:
                 writer.write(data)
                 if not conn.pending or writer.transport.get_write_buffer_size() > READ_CHUNK:
                     await writer.drain()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, RuntimeError):  # uvloop: RuntimeError, transport closed
             pass
         finally:
             # The client is gone or done: stop its reader too (it may wait for room).

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import operator
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Row, bindparam, delete, func, select, text, update
 from sqlalchemy.sql.elements import TextClause
 
 from program_timer.core.model import FIRED, Timer
+from program_timer.store.queries import driver
 from program_timer.store.queries.batches import chunks
 from program_timer.store.schema import timers
 
@@ -18,17 +21,18 @@ from program_timer.store.schema import timers
 _FIELD_OF: Final = {"interval_s": "interval"}
 _PAIRS: Final = tuple((c.name, _FIELD_OF.get(c.name, c.name)) for c in timers.c)
 TIMER_COLUMNS: Final = tuple(column for column, _ in _PAIRS if column != "id")
+# Rows are read in the schema's column order: the Timer is built from them by position (the
+# hot path of every command and fire batch), its fields taken in its own order.
+_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Timer))
+_POSITIONS: Final = tuple([name for _, name in _PAIRS].index(f) for f in _FIELDS)
+_VALUES: Final = operator.attrgetter(*(name for column, name in _PAIRS if column != "id"))
 
 
 def timer_from_row(row: Row[Any]) -> Timer:
-    m = row._mapping
-    timer = Timer(**{name: m[column] for column, name in _PAIRS})
+    """A timer from a row whose columns are the table's, in the schema's order."""
+    timer = Timer(*[row[i] for i in _POSITIONS])
     timer.arguments = dict(timer.arguments or {})
     return timer
-
-
-def _timer_values(t: Timer) -> dict[str, Any]:
-    return {column: getattr(t, name) for column, name in _PAIRS if column != "id"}
 
 
 def load_timers(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Timer]:
@@ -87,20 +91,11 @@ def count_timers(conn: Connection, personas: Iterable[str]) -> dict[str, int]:
 
 
 def insert_timers(conn: Connection, new: Sequence[Timer]) -> None:
-    if new:
-        conn.execute(insert(timers), [_timer_values(t) for t in new])
-
-
-_UPDATE_TIMER = (
-    update(timers)
-    .where(timers.c.id == bindparam("_id"))
-    .values({c: bindparam(c) for c in TIMER_COLUMNS})
-)
+    driver.insert_rows(conn, timers, TIMER_COLUMNS, [_VALUES(t) for t in new])
 
 
 def update_timers(conn: Connection, changed: Sequence[Timer]) -> None:
-    if changed:
-        conn.execute(_UPDATE_TIMER, [{"_id": t.id, **_timer_values(t)} for t in changed])
+    driver.update_rows(conn, timers, TIMER_COLUMNS, [(*_VALUES(t), t.id) for t in changed])
 
 
 def delete_timer_ids(conn: Connection, ids: Sequence[int]) -> None:

@@ -1,0 +1,103 @@
+"""Writes on the hot paths (commands, fire batches) through the driver, not SQLAlchemy Core.
+
+Core processes every bound value in Python (a UTC datetime goes through two bind processors,
+a JSON column through the serializer): at thousands of rows a second that was a third of the
+store worker's time. Here the values are converted once, the way the column types would store
+them, and handed to the driver's ``executemany`` as tuples. The column lists still come from
+the schema; what is read back goes through Core as before, so a row written here reads the
+same as one written by Core (tests/test_store_contract.py checks both ways).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection, Table
+
+Converter = Callable[[Any], Any]
+
+
+def sqlite_datetime(value: datetime | None) -> str | None:
+    """What SQLAlchemy's SQLite DATETIME stores for our UTC instants: naive UTC, always with
+    microseconds (``2026-11-28 03:10:02.000000``), so that text order is time order."""
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
+
+
+def _sqlite_json(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _sqlite_bool(value: bool | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _pg_json(value: Any) -> Jsonb:
+    return Jsonb(value)
+
+
+_SQLITE: dict[str, Converter] = {
+    "UTCDateTime": sqlite_datetime,
+    "JSON": _sqlite_json,
+    "Boolean": _sqlite_bool,
+}
+_POSTGRES: dict[str, Converter] = {"JSON": _pg_json}
+
+
+@functools.cache
+def _converters(dialect: str, table: Table, columns: tuple[str, ...]) -> tuple[Converter, ...]:
+    """One converter per column, by its type (JSONDoc is JSON, or JSONB on PostgreSQL)."""
+    by_type = _SQLITE if dialect == "sqlite" else _POSTGRES
+    return tuple(by_type.get(type(table.c[c].type).__name__, _same) for c in columns)
+
+
+@functools.cache
+def _insert_sql(dialect: str, table: str, columns: tuple[str, ...]) -> str:
+    mark = "?" if dialect == "sqlite" else "%s"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
+
+
+@functools.cache
+def _update_sql(dialect: str, table: str, columns: tuple[str, ...], key: str) -> str:
+    mark = "?" if dialect == "sqlite" else "%s"
+    sets = ", ".join(f"{c} = {mark}" for c in columns)
+    return f"UPDATE {table} SET {sets} WHERE {key} = {mark}"
+
+
+def insert_rows(
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]
+) -> None:
+    """``INSERT`` rows given as value tuples in ``columns``' order."""
+    if rows:
+        dialect = conn.dialect.name
+        conv = _converters(dialect, table, columns)
+        params = [tuple(f(v) for f, v in zip(conv, row, strict=True)) for row in rows]
+        conn.exec_driver_sql(_insert_sql(dialect, table.name, columns), params)
+
+
+def update_rows(
+    conn: Connection,
+    table: Table,
+    columns: tuple[str, ...],
+    rows: Sequence[Sequence[Any]],
+    key: str = "id",
+) -> None:
+    """``UPDATE … WHERE key = ?`` for rows given as value tuples in ``columns``' order, each
+    followed by its key."""
+    if rows:
+        dialect = conn.dialect.name
+        conv = (*_converters(dialect, table, columns), _same)
+        params = [tuple(f(v) for f, v in zip(conv, row, strict=True)) for row in rows]
+        conn.exec_driver_sql(_update_sql(dialect, table.name, columns, key), params)
