@@ -8,8 +8,9 @@ from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import Connection, Row, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Row, delete, func, select, text, update
 
+from program_timer.store.queries import driver
 from program_timer.store.queries.batches import chunks
 from program_timer.store.schema import deliveries, events, subscriptions
 
@@ -40,10 +41,10 @@ def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     row."""
     if not rows:
         return
+    columns = tuple(rows[0])
     if conn.dialect.name != "postgresql":
-        conn.execute(insert(events), list(rows))
+        driver.insert_rows(conn, events, columns, [tuple(r[c] for c in columns) for r in rows])
         return
-    columns = list(rows[0])
     json_at = columns.index("arguments")
     raw: Any = conn.connection.dbapi_connection  # psycopg's own connection: it has COPY
     with raw.cursor() as cur, cur.copy(f"COPY events ({', '.join(columns)}) FROM STDIN") as copy:
@@ -55,7 +56,8 @@ def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
 
 def insert_deliveries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     if rows:
-        conn.execute(insert(deliveries), list(rows))
+        columns = tuple(rows[0])
+        driver.insert_rows(conn, deliveries, columns, [tuple(r[c] for c in columns) for r in rows])
 
 
 def due_deliveries(

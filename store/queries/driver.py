@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, Table
 
@@ -33,7 +34,10 @@ def sqlite_datetime(value: datetime | None) -> str | None:
 
 
 def _sqlite_json(value: Any) -> str:
-    return json.dumps(value)
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # what orjson refuses (a lone surrogate), the standard library escapes
+        return json.dumps(value)
 
 
 def _sqlite_bool(value: bool | None) -> int | None:
@@ -74,6 +78,80 @@ def _update_sql(dialect: str, table: str, columns: tuple[str, ...], key: str) ->
     mark = "?" if dialect == "sqlite" else "%s"
     sets = ", ".join(f"{c} = {mark}" for c in columns)
     return f"UPDATE {table} SET {sets} WHERE {key} = {mark}"
+
+
+# Reading ----------------------------------------------------------------------------------
+
+
+def _sqlite_read_datetime(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _sqlite_read_json(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+def _sqlite_read_bool(value: int | None) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def _pg_read_datetime(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is UTC:
+        return value
+    return value.astimezone(UTC)
+
+
+_SQLITE_READ: dict[str, Converter] = {
+    "UTCDateTime": _sqlite_read_datetime,
+    "JSON": _sqlite_read_json,
+    "Boolean": _sqlite_read_bool,
+}
+_POSTGRES_READ: dict[str, Converter] = {"UTCDateTime": _pg_read_datetime}
+
+
+@functools.cache
+def _readers(dialect: str, table: Table) -> tuple[Converter, ...]:
+    by_type = _SQLITE_READ if dialect == "sqlite" else _POSTGRES_READ
+    return tuple(by_type.get(type(c.type).__name__, _same) for c in table.c)
+
+
+def select_rows(
+    conn: Connection, table: Table, where: str, params: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+    """``SELECT`` every column of ``table`` (in the schema's order) ``where`` …, with the values
+    as the column types would give them (aware UTC datetimes, dicts, booleans). ``where`` uses
+    ``?`` for parameters; it becomes ``%s`` on PostgreSQL."""
+    dialect = conn.dialect.name
+    sql = _select_sql(dialect, table.name, tuple(c.name for c in table.c), where)
+    readers = _readers(dialect, table)
+    rows = conn.exec_driver_sql(sql, tuple(params)).fetchall()
+    return [tuple(f(v) for f, v in zip(readers, row, strict=True)) for row in rows]
+
+
+@functools.cache
+def _select_sql(dialect: str, table: str, columns: tuple[str, ...], where: str) -> str:
+    if dialect != "sqlite":
+        where = where.replace("?", "%s")
+    return f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
+
+
+def param(conn: Connection, value: Any) -> Any:
+    """A value bound by hand in ``select_rows`` or ``execute``: a datetime as its column
+    stores it."""
+    if conn.dialect.name == "sqlite" and isinstance(value, datetime):
+        return sqlite_datetime(value)
+    return value
+
+
+def execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
+    """One statement with ``?`` parameters (``%s`` on PostgreSQL); the rows it changed."""
+    if conn.dialect.name != "sqlite":
+        sql = sql.replace("?", "%s")
+    result = conn.exec_driver_sql(sql, tuple(param(conn, p) for p in params))
+    return int(result.rowcount)
+
+
+# Writing ----------------------------------------------------------------------------------
 
 
 def insert_rows(

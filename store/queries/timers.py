@@ -30,6 +30,10 @@ _VALUES: Final = operator.attrgetter(*(name for column, name in _PAIRS if column
 
 def timer_from_row(row: Row[Any]) -> Timer:
     """A timer from a row whose columns are the table's, in the schema's order."""
+    return _timer_from_values(row)
+
+
+def _timer_from_values(row: Sequence[Any]) -> Timer:
     timer = Timer(*[row[i] for i in _POSITIONS])
     timer.arguments = dict(timer.arguments or {})
     return timer
@@ -132,14 +136,14 @@ def claim_due(conn: Connection, now: datetime, limit: int) -> list[Timer]:
     are skipped, and the lock lasts until this transaction ends (commit, rollback, or the
     connection dying), so a dead daemon's claim is released by the server itself.
     """
-    stmt = (
-        select(timers)
-        .where(timers.c.due_at <= now)
-        .order_by(timers.c.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    lock = "" if conn.dialect.name == "sqlite" else " FOR UPDATE SKIP LOCKED"
+    rows = driver.select_rows(
+        conn,
+        timers,
+        f"due_at <= ? ORDER BY due_at LIMIT ?{lock}",
+        (driver.param(conn, now), limit),
     )
-    return [timer_from_row(r) for r in conn.execute(stmt)]
+    return [_timer_from_values(r) for r in rows]
 
 
 _UPDATE_FIRED = (
@@ -162,19 +166,19 @@ def update_fired(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def complete_one_shots(conn: Connection, ids: Sequence[int], fired_at: datetime) -> None:
-    """Mark fired one-shot timers completed: one statement for the whole batch."""
-    if ids:
-        conn.execute(
-            update(timers)
-            .where(timers.c.id.in_(list(ids)))
-            .values(
-                planned_at=None,
-                due_at=None,
-                state=FIRED,
-                fire_count=timers.c.fire_count + 1,
-                last_fired_at=fired_at,
-            )
+    """Mark fired one-shot timers completed: one statement per chunk of ids."""
+    for chunk in chunks(ids):
+        driver.execute(
+            conn,
+            "UPDATE timers SET planned_at = NULL, due_at = NULL, state = ?, "
+            f"fire_count = fire_count + 1, last_fired_at = ? WHERE id IN ({_marks(len(chunk))})",
+            (FIRED, fired_at, *chunk),
         )
+
+
+@functools.cache
+def _marks(n: int) -> str:
+    return ", ".join(["?"] * n)
 
 
 def purge_fired_timers(conn: Connection, before: datetime) -> int:
