@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from program_timer.core.logs import get_logger
 from program_timer.store import sqlite
 from program_timer.store.errors import Conflict, StoreError, StoreUnavailable
+from program_timer.store.queries import driver
 
 MIGRATIONS = str(Path(__file__).parent / "migrations")
 
@@ -69,6 +70,8 @@ def _postgres_engine(parsed: URL, *, pool_size: int, name: str, timeout: float) 
     ms = max(1, int(timeout * 1000))
     return create_engine(
         parsed,
+        json_serializer=driver.json_dumps,
+        json_deserializer=driver.json_loads,
         pool_size=pool_size,
         max_overflow=4,
         pool_pre_ping=True,

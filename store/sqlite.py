@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 
 from program_timer.core.logs import get_logger
 from program_timer.store.errors import AlreadyRunning, StoreError, StoreUnavailable
+from program_timer.store.queries import driver
 
 log = get_logger()
 
@@ -36,6 +37,8 @@ def engine(url: URL, *, pool_size: int, timeout: float, read_only: str) -> Engin
     """``timeout``: how long a connection waits for SQLite's lock (its busy timeout)."""
     eng = create_engine(
         url,
+        json_serializer=driver.json_dumps,
+        json_deserializer=driver.json_loads,
         connect_args={"check_same_thread": False, "timeout": timeout},
         poolclass=None if path_of(url) else NullPool,
         pool_size=pool_size,

@@ -14,7 +14,7 @@ import functools
 import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from psycopg.types.json import Jsonb
@@ -33,11 +33,19 @@ def sqlite_datetime(value: datetime | None) -> str | None:
     return value.isoformat(" ", "microseconds")[:26]
 
 
-def _sqlite_json(value: Any) -> str:
+def json_dumps(value: Any) -> str:
+    """JSON text of a column value: orjson, several times faster than the standard library."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:  # what orjson refuses (a lone surrogate), the standard library escapes
         return json.dumps(value)
+
+
+json_loads: Final = orjson.loads
+
+
+def _sqlite_json(value: Any) -> str:
+    return json_dumps(value)
 
 
 def _sqlite_bool(value: bool | None) -> int | None:
