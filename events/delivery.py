@@ -2,9 +2,16 @@
 
 Deliveries are rows (written in the fire transaction). The dispatcher, on the daemon's event
 loop, pushes the sendable ones of each subscription attached to one of its connections, marks
-them sent with ``next_attempt_at = now + ack timeout`` (so they are sent again if not acked in
+them sent with ``next_attempt_at = now + resend wait`` (so they are sent again if not acked in
 time), and keeps at most ``max_inflight`` unacked deliveries per connection (back-pressure: a
 flow engine that never acks holds that many and no more).
+
+Retries and dead letters (SPEC 7.4): the resend wait is the ack timeout after the first send,
+doubling with every send up to ``retry_max_delay``
+(:func:`~program_timer.store.queries.resend_delay`). With ``max_attempts`` set, a delivery
+sent that many times whose last wait passed without an ack becomes dead when it falls due
+(``dead_at``): never sent again, kept and counted until ``redeliver`` makes it pending with a
+fresh budget. (A pending delivery whose event reaches the retention is made dead by the purge.)
 
 Cost: the database work of delivery is acks and refills (read the next sendable deliveries, mark
 them sent). Both go through the store worker, which runs the calls queued together in one
@@ -18,9 +25,10 @@ The send mark (``attempt + 1``, ``next_attempt_at``) is one set-based ``UPDATE``
 the transaction that reads the rows, committed before they are pushed. It is the one write per
 send that cannot be skipped: it makes ``attempt`` count up across reconnects, restarts and
 daemon crashes, and keeps the next refill (by this daemon or, after a takeover, another) from
-sending the rows again before their ack timeout. The resend deadline itself is also kept in
-memory: each attachment holds its in-flight deliveries in send order, so the pump finds the
-expired ones and the next deadline without scanning the window.
+sending the rows again before their resend wait passed. The resend deadline itself is also
+kept in memory: each attachment holds its in-flight deliveries in send order, one queue per
+resend wait, so the pump finds the expired ones and the next deadline without scanning the
+window.
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ from sqlalchemy import Connection
 from program_timer.core.backoff import Backoff
 from program_timer.core.event import event_body, event_message
 from program_timer.core.logs import get_logger
+from program_timer.events.direct import DirectSends, Send
 from program_timer.store import queries
 from program_timer.store.errors import StoreUnavailable
+from program_timer.store.notify import DELIVERIES, notify
 
 log = get_logger()
 
@@ -75,27 +85,53 @@ class Attachment:
     subscription_id: str
     flow_instance_id: str
     peer: Peer
-    # delivery id -> resend deadline (monotonic), in send order: every send re-inserts its id
-    # at the end with a deadline of now + ack timeout, so deadlines never decrease along it.
+    # delivery id -> resend deadline (monotonic): the deliveries in flight.
     inflight: dict[int, float] = field(default_factory=dict)
+    # The same deliveries by resend wait (the ack timeout, doubled per send up to the cap):
+    # wait -> {delivery id: deadline} in send order. Every send re-inserts its id at the end of
+    # its wait's queue with a deadline of now + that wait, so deadlines never decrease along a
+    # queue: the expired ones and the next deadline are found at the queues' heads, without
+    # scanning the window (a handful of queues: one per doubling).
+    _queues: dict[float, dict[int, float]] = field(default_factory=dict)
+    _wait_of: dict[int, float] = field(default_factory=dict)
     # Some in-flight delivery passed its deadline: it is sendable again, refill even if less
     # than half the window is free.
     resend_due: bool = False
 
+    def sent(self, delivery_id: int, deadline: float, wait: float) -> None:
+        """In flight until ``deadline`` (monotonic; the send's time plus ``wait``)."""
+        self.forget(delivery_id)  # a resend goes to the end: send order is kept
+        self.inflight[delivery_id] = deadline
+        self._wait_of[delivery_id] = wait
+        self._queues.setdefault(wait, {})[delivery_id] = deadline
+
+    def forget(self, delivery_id: int) -> None:
+        """No longer in flight (acked, or sent again)."""
+        if self.inflight.pop(delivery_id, None) is None:
+            return
+        wait = self._wait_of.pop(delivery_id)
+        queue = self._queues[wait]
+        del queue[delivery_id]
+        if not queue:
+            del self._queues[wait]
+
     def expire(self, mono: float) -> None:
-        """Drop the deliveries whose ack timeout passed (the database has them due again)."""
-        inflight = self.inflight
-        while inflight:
-            delivery_id, deadline = next(iter(inflight.items()))
-            if deadline > mono:
-                return
-            del inflight[delivery_id]
-            self.resend_due = True
+        """Drop the deliveries whose resend wait passed (the database has them due again)."""
+        for wait, queue in list(self._queues.items()):
+            while queue:
+                delivery_id, deadline = next(iter(queue.items()))
+                if deadline > mono:
+                    break
+                del queue[delivery_id]
+                del self.inflight[delivery_id]
+                del self._wait_of[delivery_id]
+                self.resend_due = True
+            if not queue:
+                del self._queues[wait]
 
     def next_deadline(self) -> float | None:
-        for deadline in self.inflight.values():
-            return deadline
-        return None
+        heads = [next(iter(queue.values())) for queue in self._queues.values() if queue]
+        return min(heads) if heads else None
 
 
 class Dispatcher:
@@ -108,10 +144,22 @@ class Dispatcher:
         max_inflight: int,
         now: Callable[[], datetime],
         poll_interval: float = 1.0,
+        retry_max_delay: float = 3600.0,
+        max_attempts: int | None = None,
+        retention: float | None = None,
     ) -> None:
         self._worker = worker
         self._daemon_id = daemon_id
         self._ack_timeout = ack_timeout
+        self._retry_max_delay = retry_max_delay
+        self._max_attempts = max_attempts
+        self._retention = retention
+        # Since the start, for /metrics: pushes (resends included), acks, deliveries given up
+        # after max_attempts sends, dead deliveries made pending again.
+        self.sent = 0
+        self.acked = 0
+        self.dead_letters = 0
+        self.redelivered = 0
         self._max_inflight = max_inflight
         # Refill a connection once this much of its window is free (half of it).
         self._refill_at = max(1, max_inflight // 2)
@@ -125,6 +173,8 @@ class Dispatcher:
         self._acks: list[_PendingAck] = []
         self._ack_writer: asyncio.Task[None] | None = None
         self.backoff = Backoff("delivery_refill")
+        self.direct = DirectSends()  # fire batches send to attached subscriptions themselves
+        self.direct.attach(self._deliver_from_fire_thread)
 
     async def _db(self, fn: Callable[[Connection], Any], *, durable: bool = True) -> Any:
         return await asyncio.wrap_future(self._worker.call(fn, durable=durable))
@@ -167,6 +217,23 @@ class Dispatcher:
     def inflight(self) -> int:
         return sum(len(a.inflight) for a in self._attached.values())
 
+    def snapshot(self) -> dict[str, int]:
+        """The dispatcher's figures, safe to read from another thread (``/metrics``): the
+        attachments are copied in one step, under the GIL, before they are looked at."""
+        attached = list(self._attached.values())
+        return {
+            "subscribers": len(attached),
+            "inflight": sum(len(a.inflight) for a in attached),
+            "sent": self.sent,
+            "acked": self.acked,
+            "dead_letters": self.dead_letters,
+            "redelivered": self.redelivered,
+        }
+
+    def resend_wait(self, attempt: int) -> float:
+        """How long a delivery sent for the ``attempt``-th time waits for its ack."""
+        return queries.resend_delay(attempt, self._ack_timeout, self._retry_max_delay)
+
     # ops -----------------------------------------------------------------------------------
 
     async def subscribe(
@@ -176,8 +243,13 @@ class Dispatcher:
         flow_instance_id: str,
         connector_idn: str | None,
         persona_id: str | None,
+        since: datetime | None = None,
     ) -> dict[str, Any]:
         now = self._now()
+        if since is not None and self._retention is not None:
+            # Replay within the retention: older events are gone, or kept only for their
+            # dead letters.
+            since = max(since, now - timedelta(seconds=self._retention))
         values = {
             "subscription_id": subscription_id,
             "flow_instance_id": flow_instance_id,
@@ -188,13 +260,24 @@ class Dispatcher:
             "attached_at": now,
         }
 
-        def attach(conn: Connection) -> bool:
+        def attach(conn: Connection) -> tuple[bool, int]:
             created = queries.upsert_subscription(conn, values)
+            replayed = 0
+            if created and since is not None:
+                # The stored events it asked for, in the transaction that creates it.
+                replayed = queries.replay_events(
+                    conn,
+                    subscription_id,
+                    connector_idn=connector_idn,
+                    persona_id=persona_id,
+                    since=since,
+                    now=now,
+                )
             # Whatever was in flight to an earlier connection is sent again now.
             queries.release_unacked(conn, [subscription_id], now)
-            return created
+            return created, replayed
 
-        created = await self._db(attach)
+        created, replayed = await self._db(attach)
         previous = self._attached.get(subscription_id)
         if previous is not None and previous.peer is not peer:
             log.info(
@@ -203,6 +286,7 @@ class Dispatcher:
                 subscription=subscription_id,
             )
         self._attached[subscription_id] = Attachment(subscription_id, flow_instance_id, peer)
+        self.direct.lag([subscription_id])  # what waited for it goes first, through the pump
         log.info(
             "subscribed",
             action="subscribed",
@@ -210,13 +294,42 @@ class Dispatcher:
             created=created,
             connector=connector_idn,
             persona=persona_id,
+            **({"replayed": replayed} if since is not None else {}),
         )
         self._wake.set()
         return {"subscriptionId": subscription_id, "created": created}
 
+    async def redeliver(self, subscription_id: str, delivery_ids: list[int] | None) -> int | None:
+        """Dead deliveries of a subscription (the given ones, else all) become pending with a
+        fresh attempt budget and are sent promptly; how many, or None if no such
+        subscription."""
+        now = self._now()
+
+        def revive(conn: Connection) -> int | None:
+            if queries.get_subscription(conn, subscription_id) is None:
+                return None
+            n = queries.redeliver(conn, subscription_id, delivery_ids, now)
+            if n:
+                notify(conn, DELIVERIES, self._daemon_id)  # the daemon it is attached to
+            return n
+
+        done: int | None = await self._db(revive)
+        if done:
+            self.redelivered += done
+            self.direct.lag([subscription_id])
+            self._wake.set()
+            log.info(
+                "dead deliveries made pending again",
+                action="redelivered",
+                subscription=subscription_id,
+                deliveries=done,
+            )
+        return done
+
     async def unsubscribe(self, peer: Peer, subscription_id: str) -> dict[str, Any]:
         removed = await self._db(lambda c: queries.delete_subscription(c, subscription_id))
         self._attached.pop(subscription_id, None)
+        self.direct.forget(subscription_id)
         log.info(
             "unsubscribed", action="unsubscribed", subscription=subscription_id, removed=removed
         )
@@ -232,11 +345,11 @@ class Dispatcher:
         if self._ack_writer is None or self._ack_writer.done():
             self._ack_writer = asyncio.create_task(self._write_acks(), name="delivery-acks")
         acked = await pending.future
+        self.acked += acked
         # Acks of deliveries already acked (a resend raced the ack) are not errors.
         for attachment in mine:
-            inflight = attachment.inflight
             for delivery_id in delivery_ids:
-                inflight.pop(delivery_id, None)
+                attachment.forget(delivery_id)
         self._wake.set()
         return {"acked": acked}
 
@@ -274,6 +387,7 @@ class Dispatcher:
         gone = [sid for sid, a in self._attached.items() if a.peer is peer]
         for sid in gone:
             del self._attached[sid]
+            self.direct.forget(sid)
         if gone:
             try:
                 await self._db(lambda c: queries.detach_subscriptions(c, gone, self._daemon_id))
@@ -322,8 +436,13 @@ class Dispatcher:
             a.expire(mono)
             by_peer.setdefault(id(a.peer), []).append(a)
         wanted: dict[str, int] = {}
+        windows: dict[str, int] = {}
         for subs in by_peer.values():
-            free = self._max_inflight - sum(len(a.inflight) for a in subs)
+            free = self._max_inflight - sum(
+                len(a.inflight) + self.direct.reserved(a.subscription_id) for a in subs
+            )
+            for a in subs:
+                windows[a.subscription_id] = max(0, free) // len(subs)
             if free >= self._refill_at or (free > 0 and any(a.resend_due for a in subs)):
                 share = max(1, free // len(subs))
                 self._turn += 1  # more subscriptions than free places: each gets its turn
@@ -331,6 +450,7 @@ class Dispatcher:
                 for a in (subs[start:] + subs[:start])[:free]:
                     wanted[a.subscription_id] = share
                     a.resend_due = False
+        self.direct.refresh(windows)
         return wanted
 
     async def pump(self) -> None:
@@ -339,57 +459,123 @@ class Dispatcher:
         if not wanted:
             return
         now = self._now()
-        resend_at = now + timedelta(seconds=self._ack_timeout)
+        generations = {sid: self.direct.generation(sid) for sid in wanted}
+        spent = self._max_attempts
 
-        def fetch(conn: Connection) -> tuple[dict[str, list[Any]], set[str]]:
+        def fetch(conn: Connection) -> tuple[dict[str, list[Any]], set[str], dict[str, int], int]:
             found: dict[str, list[Any]] = {}
+            fetched: dict[str, int] = {}
+            dead: list[int] = []
             # A subscriber that re-attached through another daemon is that daemon's now.
             moved = queries.attached_elsewhere(conn, list(wanted), self._daemon_id)
             for sid, capacity in wanted.items():
                 if sid in moved:
                     continue
                 rows = queries.due_deliveries(conn, sid, now, capacity)
+                fetched[sid] = len(rows)
+                if spent is not None:
+                    # Sent max_attempts times and its last wait passed unacked: a dead letter.
+                    dead.extend(r.id for r in rows if r.attempt >= spent)
+                    rows = [r for r in rows if r.attempt < spent]
                 if rows:
                     found[sid] = rows
+            killed = queries.mark_dead(conn, dead, now) if dead else 0
             # Persisted before the push (the push happens after the commit): the attempt
-            # counts up even if the daemon dies right after sending.
-            queries.mark_sent(conn, [r.id for rows in found.values() for r in rows], now, resend_at)
-            return found, moved
+            # counts up even if the daemon dies right after sending. Each is due again after
+            # its resend wait (the ack timeout, doubled per send up to retry_max_delay).
+            queries.mark_sent(
+                conn,
+                [(r.id, r.attempt) for rows in found.values() for r in rows],
+                now,
+                ack_timeout=self._ack_timeout,
+                retry_max_delay=self._retry_max_delay,
+            )
+            return found, moved, fetched, killed
 
         # Not durable: a send mark lost in a database crash only means the delivery is sent
-        # again (sooner than the ack timeout), with the attempt number it had.
-        found, moved = await self._db(fetch, durable=False)
+        # again (sooner than its resend wait), with the attempt number it had.
+        found, moved, fetched, killed = await self._db(fetch, durable=False)
+        if killed:
+            self.dead_letters += killed
+            log.warning(
+                "deliveries sent max_attempts times without an ack are dead letters",
+                action="deliveries_dead",
+                deliveries=killed,
+                max_attempts=spent,
+            )
+            self._wake.set()  # their places in the window are free: refill again
         for sid in moved:
+            self.direct.forget(sid)
             if self._attached.pop(sid, None) is not None:
                 log.info(
                     "subscription re-attached elsewhere",
                     action="subscription_moved",
                     subscription=sid,
                 )
-        deadline = time.monotonic() + self._ack_timeout
+        for sid, capacity in wanted.items():
+            if fetched.get(sid, 0) < capacity:  # nothing more waits: direct sends again
+                self.direct.drained(sid, generations[sid])
+        mono = time.monotonic()
         for sid, rows in found.items():
             attachment = self._attached.get(sid)
             if attachment is None or attachment.peer.closed:
                 continue  # sent again on reattach (release_unacked) or after the ack timeout
-            inflight = attachment.inflight
             for r in rows:
-                inflight.pop(r.id, None)  # a resend goes to the end: send order is kept
-                inflight[r.id] = deadline
-                attachment.peer.push(
-                    event_message(
-                        subscription_id=sid,
-                        flow_instance_id=attachment.flow_instance_id,
-                        delivery_id=r.id,
-                        attempt=r.attempt + 1,
-                        event=event_body(
-                            external_event_id=r.external_event_id,
-                            persona_id=r.persona_id,
-                            connector_idn=r.connector_idn,
-                            command_act_id=r.command_act_id,
-                            arguments=r.arguments,
-                        ),
-                    )
+                event = event_body(
+                    external_event_id=r.external_event_id,
+                    persona_id=r.persona_id,
+                    connector_idn=r.connector_idn,
+                    command_act_id=r.command_act_id,
+                    arguments=r.arguments,
                 )
+                self._send(attachment, r.id, r.attempt + 1, event, mono)
+
+    def _send(
+        self,
+        attachment: Attachment,
+        delivery_id: int,
+        attempt: int,
+        event: dict[str, Any],
+        mono: float,
+    ) -> None:
+        """Push one delivery (its ``attempt``-th send, at ``mono``) and keep it in flight for
+        its resend wait (the one the send mark wrote)."""
+        wait = self.resend_wait(attempt)
+        attachment.sent(delivery_id, mono + wait, wait)
+        self.sent += 1
+        attachment.peer.push(
+            event_message(
+                subscription_id=attachment.subscription_id,
+                flow_instance_id=attachment.flow_instance_id,
+                delivery_id=delivery_id,
+                attempt=attempt,
+                event=event,
+            )
+        )
+
+    def _deliver_from_fire_thread(self, sends: list[Send], taken: dict[str, int]) -> None:
+        """A fire batch committed sends to attached subscriptions (fire thread)."""
+        loop = self._loop
+        try:
+            if loop is None:
+                raise RuntimeError("not started")
+            loop.call_soon_threadsafe(self._push_direct, sends, taken)
+        except RuntimeError:  # the loop is closed (shutdown): resent after the ack timeout
+            self.direct.settle(taken)
+
+    def _push_direct(self, sends: list[Send], taken: dict[str, int]) -> None:
+        mono = time.monotonic()
+        used: dict[str, int] = {}
+        try:
+            for send in sends:
+                sid = send.subscription_id
+                used[sid] = used.get(sid, 0) + 1
+                attachment = self._attached.get(sid)
+                if attachment is not None and not attachment.peer.closed:
+                    self._send(attachment, send.delivery_id, 1, send.event, mono)
+                # else: sent again when its subscriber attaches, or after the ack timeout
+        finally:
+            self.direct.settle(taken, used)
 
 
 def _write_acks(

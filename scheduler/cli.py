@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import unicodedata
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
+import wcwidth
 
 from program_timer import __version__
 from program_timer.events.client import ClientError, ConnectionLost, EventStream, TimerClient
@@ -80,8 +83,48 @@ def main(ctx: click.Context, config: str | None, socket_path: str | None) -> Non
     """program-timer: persona timers in SQL, fired as durable `timer` events.
 
     Run the daemon with `program-timer serve`; the other commands talk to it.
+
+    \b
+    Shell completion (bash; zsh and fish likewise with zsh_source, fish_source):
+      eval "$(_PROGRAM_TIMER_COMPLETE=bash_source program-timer)"
     """
     ctx.obj = {"config": config, "socket": socket_path}
+
+
+# The other settings, each a flag too (README, "Configuration"): name, type, what it is.
+_MORE_SETTINGS: tuple[tuple[str, type, str], ...] = (
+    ("allowed_uids", str, "Peer uids allowed, comma-separated (unset: any)"),
+    ("allowed_gids", str, "Peer gids allowed, comma-separated (unset: any)"),
+    ("database_timeout", float, "Bound of every database wait of a request, s"),
+    ("metrics_address", str, "Serve Prometheus /metrics on host:port (unset: off)"),
+    ("retry_max_delay", float, "Longest wait between resends of an unacked delivery, s"),
+    ("max_attempts", int, "Sends without an ack before a delivery is dead (unset: no limit)"),
+    ("connectors", str, "connectorIdns commands may name, comma-separated (unset: any)"),
+    ("max_connections", int, "Simultaneous client connections"),
+    ("backlog", int, "Listen backlog of a socket the daemon creates"),
+    ("max_arguments", int, "Arguments per command"),
+    ("max_argument_length", int, "Characters per argument value"),
+    ("max_arguments_size", int, "Characters of all a command's arguments"),
+    ("max_inflight", int, "Unacked deliveries in flight per connection"),
+    ("max_pipeline", int, "Unanswered pipelined requests per connection"),
+    ("fire_batch_size", int, "Timers fired per transaction"),
+    ("command_batch_size", int, "Commands per transaction"),
+    ("poll_interval", float, "Safety-net poll for other daemons' timers, s"),
+    ("shutdown_grace", float, "Longest clean stop before exiting at once, s"),
+    ("daemon_id", str, "This daemon's name in status and the daemons table"),
+)
+
+
+def _setting_flags(fn: Any) -> Any:
+    """Add a ``--<setting>`` flag for each of :data:`_MORE_SETTINGS`."""
+    for name, kind, text in reversed(_MORE_SETTINGS):
+        fn = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            type=kind,
+            help=f"{text} [env PROGRAM_TIMER_{name.upper()}]",
+        )(fn)
+    return fn
 
 
 @main.command(context_settings=CONTEXT)
@@ -125,6 +168,7 @@ def main(ctx: click.Context, config: str | None, socket_path: str | None) -> Non
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="[env PROGRAM_TIMER_LOG_LEVEL]",
 )
+@_setting_flags
 @click.pass_context
 def serve(ctx: click.Context, /, **flags: Any) -> None:
     """Run the daemon in the foreground (SQLite file in the current folder by default)."""
@@ -204,14 +248,116 @@ def send(
     elif "timers" in result:
         _print_table(result["timers"])
     elif "removed" in result:
-        click.echo(f"removed: {result['removed']}")
+        click.echo(f"removed: {_value(result['removed'])}")
+
+
+# --- output for people: JSON spellings, escaped names, aligned columns -----------------------
+
+# Characters that would move the cursor or reorder text on a terminal (controls, line and
+# paragraph separators, bidirectional overrides) are shown escaped; joiners and variation
+# selectors (emoji sequences) are kept.
+_BIDI = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(text: str) -> str:
+    """``text`` safe for one terminal cell: control characters as ``\\n``, ``\\x1b``,
+    ``\\u2028`` ..."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch in _NAMED:
+            out.append(_NAMED[ch])
+        elif ch in _BIDI or unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _value(value: Any) -> str:
+    """A value as people read it, in JSON's spellings: ``true``, ``false``, ``null``; strings
+    bare but escaped; objects and lists as compact JSON."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _escape(value)
+    if isinstance(value, dict | list):
+        return _escape(json.dumps(value, ensure_ascii=False))
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: as :func:`_value`, but ``-`` for nothing."""
+    return "-" if value is None else _value(value)
+
+
+def _width(text: str) -> int:
+    """Terminal columns ``text`` takes (CJK and emoji take two)."""
+    n = wcwidth.wcswidth(text)
+    return n if n >= 0 else len(text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - _width(text))
+
+
+def _print_rows(headers: list[str], rows: list[list[str]], empty: str) -> None:
+    """A table: headers, then rows of cells already made safe (:func:`_cell`)."""
+    if not rows:
+        click.echo(empty)
+        return
+    widths = [max([_width(h)] + [_width(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    last = len(headers) - 1
+    for line in [headers, *rows]:
+        click.echo(
+            "  ".join(
+                cell if i == last else _pad(cell, w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+        )
+
+
+def _duration(seconds: float | None) -> str:
+    """``850 ms``, ``12.3 s``, ``5 min 3 s``, ``2 h 5 min``, ``3 d 4 h``; ``-`` for nothing."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    units = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+    whole = int(seconds)
+    parts: list[str] = []
+    for name, size in units:
+        if whole >= size or parts:
+            parts.append(f"{whole // size} {name}")
+            whole %= size
+        if len(parts) == 2:
+            break
+    return " ".join(p for p in parts if not p.startswith("0 ")) or "0 s"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else _duration(value / 1000)
+
+
+def _age(stamp: str | None) -> str:
+    """How long ago an ISO time of the daemon's was (``-`` for none)."""
+    if stamp is None:
+        return "-"
+    then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return _duration(max(0.0, (datetime.now(UTC) - then).total_seconds())) + " ago"
 
 
 def _print_timer(timer: dict[str, Any]) -> None:
     width = max(len(k) for k in timer)
     for key, value in timer.items():
-        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
-        click.echo(f"{key:<{width}}  {'' if shown is None else shown}")
+        click.echo(f"{key:<{width}}  {_value(value)}")
 
 
 def _print_table(timers: list[dict[str, Any]]) -> None:
@@ -225,21 +371,11 @@ def _print_table(timers: list[dict[str, Any]]) -> None:
         "fireCount",
         "connectorIdn",
     ]
-    rows = [[_cell(t.get(c)) for c in columns] for t in timers]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    if not rows:
-        click.echo("(no timers)")
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    _print_rows(
+        [c.upper() for c in columns],
+        [[_cell(t.get(c)) for c in columns] for t in timers],
+        "(no timers)",
+    )
 
 
 @main.command("list", context_settings=CONTEXT)
@@ -261,7 +397,7 @@ def list_(
         return
     _print_table(result["timers"])
     if result.get("nextAfter"):
-        click.echo(f"(more: --after {result['nextAfter']})")
+        click.echo(f"(more: --after {_value(result['nextAfter'])})")
 
 
 @main.command(context_settings=CONTEXT)
@@ -302,7 +438,7 @@ def delete(
     if as_json:
         _print_json(result)
     else:
-        click.echo(f"removed: {result['removed']}")
+        click.echo(f"removed: {_value(result['removed'])}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -316,35 +452,178 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     lat = result["fires"]["lateness"]
     click.echo(
-        f"program-timer {result['version']}  daemon {result['daemonId']}  "
-        f"up {result['uptimeSeconds']:.0f}s  database {result['database']}"
+        f"program-timer {result['version']}  daemon {_value(result['daemonId'])}  "
+        f"up {_duration(result['uptimeSeconds'])}  database {result['database']}"
         f"{'' if result['databaseReachable'] else ' (UNREACHABLE)'}"
     )
     if not result["databaseReachable"]:
-        click.echo("the database cannot be reached: figures stored there are not shown")
+        click.echo("the database cannot be reached: figures stored there are not shown (-)")
     timers = result["timers"] or {}
-    click.echo("timers      " + "  ".join(f"{k} {v}" for k, v in timers.items()))
+    click.echo("timers      " + ("  ".join(f"{k} {v}" for k, v in timers.items()) or "-"))
     click.echo(
         f"fires       total {result['fires']['total']}  dropped "
-        f"{result['fires']['dropped']}  lateness p50 {lat['p50Ms']} ms  "
-        f"p99 {lat['p99Ms']} ms  max {lat['maxMs']} ms"
+        f"{result['fires']['dropped']}  lateness p50 {_ms(lat['p50Ms'])}  "
+        f"p99 {_ms(lat['p99Ms'])}  max {_ms(lat['maxMs'])}"
     )
     d = result["deliveries"]
     click.echo(
-        f"deliveries  pending {d['pending']}  oldest {d['oldestPendingAgeSeconds']} s  "
+        f"deliveries  pending {_cell(d['pending'])}  oldest "
+        f"{_duration(d['oldestPendingAgeSeconds'])}  dead {_cell(d.get('dead'))}  "
         f"in flight {d['inflight']}"
     )
     events = result["events"] or {"stored": None, "unrouted": None}
-    click.echo(f"events      stored {events['stored']}  unrouted {events['unrouted']}")
+    click.echo(
+        f"events      stored {_cell(events['stored'])}  unrouted {_cell(events['unrouted'])}"
+    )
     click.echo(
         f"subscribers connected {result['connectedSubscribers']} of "
-        f"{result['subscriptions']} subscriptions; connections {result['connections']}"
+        f"{_cell(result['subscriptions'])} subscriptions; connections {result['connections']}"
     )
+    for name, failures in (result.get("failing") or {}).items():
+        click.echo(f"failing     {name}: {failures} failures in a row (retried with backoff)")
     for daemon in result["daemons"] or []:
         click.echo(
-            f"daemon      {daemon['daemonId']} on {daemon['hostname']} "
+            f"daemon      {_value(daemon['daemonId'])} on {_value(daemon['hostname'])} "
             f"heartbeat {daemon['heartbeatAt']}"
         )
+
+
+# --- subscriptions and their deliveries (operators) -------------------------------------------
+
+
+def _filter_text(flt: dict[str, str]) -> str:
+    parts = [f"connector={_escape(flt['connectorIdn'])}"] if "connectorIdn" in flt else []
+    if "personaId" in flt:
+        parts.append(f"persona={_escape(flt['personaId'])}")
+    return " ".join(parts) or "any"
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's result as JSON.")
+@click.pass_context
+def subscriptions(ctx: click.Context, as_json: bool) -> None:
+    """List the subscriptions: attached or not, pending, in-flight and dead deliveries."""
+    result = _call(ctx, lambda c: c.request("subscriptions"))
+    if as_json:
+        _print_json(result)
+        return
+    _print_rows(
+        [
+            "SUBSCRIPTION",
+            "FLOW INSTANCE",
+            "FILTER",
+            "ATTACHED",
+            "PENDING",
+            "IN FLIGHT",
+            "DEAD",
+            "OLDEST PENDING",
+            "LAST ACK",
+        ],
+        [
+            [
+                _cell(s["subscriptionId"]),
+                _cell(s["flowInstanceId"]),
+                _filter_text(s["filter"]),
+                _cell(s["attached"]),
+                _cell(s["pending"]),
+                _cell(s["inflight"]),
+                _cell(s["dead"]),
+                _age(s["oldestPendingAt"]),
+                _age(s["lastAckAt"]),
+            ]
+            for s in result["subscriptions"]
+        ],
+        "(no subscriptions)",
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("subscription")
+@click.option("--dead", is_flag=True, help="The dead deliveries (default: the pending ones).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--after", type=click.IntRange(min=0), help="Start after this delivery id (paging).")
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's result as JSON.")
+@click.pass_context
+def deliveries(
+    ctx: click.Context, subscription: str, dead: bool, limit: int, after: int | None, as_json: bool
+) -> None:
+    """List a subscription's pending (or, with --dead, dead) deliveries, oldest first."""
+    fields: dict[str, Any] = {
+        "subscriptionId": subscription,
+        "state": "dead" if dead else "pending",
+        "limit": limit,
+    }
+    if after is not None:
+        fields["after"] = after
+    result = _call(ctx, lambda c: c.request("deliveries", **fields))
+    if as_json:
+        _print_json(result)
+        return
+    rows = []
+    for x in result["deliveries"]:
+        ev = x["event"]
+        a = ev["arguments"]
+        rows.append(
+            [
+                _cell(x["deliveryId"]),
+                _cell(x["attempt"]),
+                _cell(x["nextAttemptAt"]),
+                _cell(a.get("firedAt")),
+                _cell(ev["connectorIdn"]),
+                f"{_escape(ev['personaId'])}/{_escape(a.get('timerName', ''))}",
+                _cell(a.get("fireCount")),
+                _cell(ev["externalEventId"]),
+            ]
+        )
+    _print_rows(
+        [
+            "ID",
+            "ATTEMPT",
+            "NEXT ATTEMPT",
+            "FIRED AT",
+            "CONNECTOR",
+            "PERSONA/TIMER",
+            "FIRE",
+            "EVENT",
+        ],
+        rows,
+        f"(no {'dead' if dead else 'pending'} deliveries)",
+    )
+    if "nextAfter" in result:
+        click.echo(f"(more: --after {result['nextAfter']})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("subscription")
+@click.argument("delivery_ids", nargs=-1, type=click.IntRange(min=0), metavar="[ID]...")
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's result as JSON.")
+@click.pass_context
+def redeliver(
+    ctx: click.Context, subscription: str, delivery_ids: tuple[int, ...], as_json: bool
+) -> None:
+    """Make dead deliveries pending again, with a fresh attempt budget: those given by id, else
+    all of the subscription's. They are sent again at once if it is attached."""
+    fields: dict[str, Any] = {"subscriptionId": subscription}
+    if delivery_ids:
+        fields["deliveryIds"] = list(delivery_ids)
+    result = _call(ctx, lambda c: c.request("redeliver", **fields))
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"redelivered: {result['redelivered']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("subscription")
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's result as JSON.")
+@click.pass_context
+def unsubscribe(ctx: click.Context, subscription: str, as_json: bool) -> None:
+    """Delete a subscription and all its deliveries (its pending events are dropped)."""
+    result = _call(ctx, lambda c: c.request("unsubscribe", subscriptionId=subscription))
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"removed: {_value(result['removed'])}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -421,10 +700,10 @@ def events(
                 ev = message["event"]
                 a = ev["arguments"]
                 click.echo(
-                    f"{a.get('firedAt')}  {ev['connectorIdn']}  {ev['personaId']}/"
-                    f"{a.get('timerName')}  fire #{a.get('fireCount')} missed "
-                    f"{a.get('missedCount')}  attempt {message['attempt']}  "
-                    f"{ev['externalEventId']}"
+                    f"{a.get('firedAt')}  {_escape(ev['connectorIdn'])}  "
+                    f"{_escape(ev['personaId'])}/{_escape(a.get('timerName', ''))}  "
+                    f"fire #{a.get('fireCount')} missed {a.get('missedCount')}  "
+                    f"attempt {message['attempt']}  {ev['externalEventId']}"
                 )
             sys.stdout.flush()
             if ack:

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     retention: float = _seconds(604800.0, 0, 10 * YEAR)
     misfire_grace: float | None = _seconds(None, 0, 10 * YEAR, open_low=False)
     database_timeout: float = _seconds(5.0, 0, 600)
+    # SPEC 7.3 / 7.4: Prometheus metrics, resend backoff, dead letters.
+    metrics_address: str | None = None
+    retry_max_delay: float = _seconds(3600.0, 0, 10 * YEAR)
+    max_attempts: int | None = Field(default=None, ge=1, le=1_000_000)
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Beyond SPEC 5: limits and tuning, all with defaults an operator rarely changes.
@@ -99,7 +103,7 @@ class Settings(BaseSettings):
     max_arguments: int = Field(default=64, ge=1, le=10_000)
     max_argument_length: int = Field(default=65536, ge=1, le=16 * 1024 * 1024)
     max_arguments_size: int = Field(default=262144, ge=1, le=16 * 1024 * 1024)
-    max_inflight: int = Field(default=100, ge=1, le=100_000)
+    max_inflight: int = Field(default=1000, ge=1, le=100_000)
     max_pipeline: int = Field(default=1000, ge=1, le=100_000)
     fire_batch_size: int = Field(default=1000, ge=1, le=10000)
     command_batch_size: int = Field(default=512, ge=1, le=10000)
@@ -160,6 +164,14 @@ class Settings(BaseSettings):
             raise ValueError(f"not a database URL: {exc}") from None
         return value
 
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        split_address(value)
+        return value
+
     @field_validator("socket")
     @classmethod
     def _socket_path(cls, value: str) -> str:
@@ -175,6 +187,11 @@ class Settings(BaseSettings):
         """Whether the database URL was set (flag, environment or file) rather than the
         default: only the default location's folder may be created at start."""
         return "database_url" in self.model_fields_set
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """(host, port) to serve ``/metrics`` on, or None: metrics are off."""
+        return None if self.metrics_address is None else split_address(self.metrics_address)
 
     @property
     def mode(self) -> int:
@@ -195,6 +212,19 @@ class Settings(BaseSettings):
         if not self.connectors:
             return None
         return frozenset(c.strip() for c in self.connectors.split(",") if c.strip())
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9464`` for IPv6; ``:9464``: every interface) as (host, port).
+    Port 0 lets the system choose a free one (the daemon logs it)."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port like 127.0.0.1:9464, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, like [::1]:9464; got {value!r}")
+    return host or "0.0.0.0", int(port)
 
 
 def load_settings(config_file: str | Path | None = None, **flags: Any) -> Settings:

@@ -44,7 +44,7 @@ from program_timer.scheduler.protocol import CommandRequest
 from program_timer.scheduler.requests import DaemonFacts, RequestHandler
 from program_timer.scheduler.server import SocketServer
 from program_timer.scheduler.worker import StoreWorker
-from program_timer.store import sqlite
+from program_timer.store import observe, sqlite
 from program_timer.store.db import health, make_engine, normalize_url, transaction, upgrade
 from program_timer.store.errors import StoreError
 from program_timer.store.jobstore import FIRE_JOB_ID, TimerJobStore
@@ -125,6 +125,7 @@ class Daemon:
             timeout=settings.database_timeout,
         )
         stack.callback(self.engine.dispose)
+        observe.count_errors(self.engine, self.metrics.record_database_error)
         await asyncio.to_thread(upgrade, self.engine)
         if path is not None:
             # From now on the file must stay the one just opened (and migrated).
@@ -152,9 +153,18 @@ class Daemon:
             ack_timeout=settings.ack_timeout,
             max_inflight=settings.max_inflight,
             now=self.clock.now,
+            retry_max_delay=settings.retry_max_delay,
+            max_attempts=settings.max_attempts,
+            retention=settings.retention,
         )
         self.dispatcher.start()
         stack.push_async_callback(self.dispatcher.stop)
+        if self.kind == "postgresql":
+            # Fire batches send to subscribers themselves only while no other daemon shares
+            # the database (events/direct.py says why); the heartbeat keeps this up to date.
+            self.dispatcher.direct.enabled = False
+            maintenance.on_alone = self._set_alone
+            await asyncio.to_thread(maintenance.heartbeat)
 
         self.fire_loop = FireLoop(
             self.engine,
@@ -164,6 +174,8 @@ class Daemon:
             batch_size=settings.fire_batch_size,
             misfire_grace=settings.misfire_grace,
             fired=self.dispatcher.kick,
+            direct=self.dispatcher.direct,
+            ack_timeout=settings.ack_timeout,
         )
         self._start_scheduler(maintenance)
         stack.push_async_callback(self._stop_scheduler)
@@ -194,6 +206,13 @@ class Daemon:
         stack.push_async_callback(self.server.stop)
         # The first thing a stop does: no new fire batch starts (the one in hand finishes).
         stack.callback(self.fire_loop.stop)
+
+        if settings.metrics_endpoint is not None:  # Prometheus /metrics (SPEC 7.3)
+            from program_timer.scheduler.prometheus import MetricsExporter, registry_for
+
+            exporter = MetricsExporter(settings.metrics_endpoint, registry_for(self.requests))
+            exporter.start()
+            stack.callback(exporter.stop)
 
         interval = systemd.watchdog_interval()
         if interval:
@@ -255,6 +274,9 @@ class Daemon:
         """Finish the fire batch in hand; no new one starts."""
         self.fire_loop.stop()
         await asyncio.to_thread(self.scheduler.shutdown, True)
+
+    def _set_alone(self, alone: bool) -> None:
+        self.dispatcher.direct.enabled = alone
 
     def _commands_committed(self, done: list[tuple[CommandRequest, Outcome]]) -> None:
         """After a command group committed (worker thread): log, count, wake the firing."""

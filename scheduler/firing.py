@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -21,10 +21,11 @@ from sqlalchemy import Connection, Engine
 from program_timer.core import logs, rules
 from program_timer.core.backoff import Backoff
 from program_timer.core.clock import Clock, utc_iso
-from program_timer.core.event import event_arguments
+from program_timer.core.event import event_arguments, event_body
 from program_timer.core.ids import uuid4_strings
 from program_timer.core.model import FIRED, Timer
 from program_timer.core.routing import Router
+from program_timer.events.direct import DirectSends, Send
 from program_timer.scheduler.metrics import Metrics
 from program_timer.store import queries
 from program_timer.store.db import transaction
@@ -45,6 +46,19 @@ class BatchResult:
     unrouted: int = 0
     lateness: list[float] = field(default_factory=list)
     fired_timers: list[tuple[str, str, str, str]] = field(default_factory=list)
+    sends: list[Send] = field(default_factory=list)  # written as sent: push after the commit
+    unsent: set[str] = field(default_factory=set)  # attached here, but left waiting
+
+
+@dataclass
+class Direct:
+    """What a batch may send itself (:mod:`program_timer.events.direct`): a free window per
+    attached subscription (used up as it sends), the subscriptions attached here, and when
+    what it sends is due again if not acked."""
+
+    quota: dict[str, int]
+    attached: frozenset[str]
+    resend_at: datetime
 
 
 def fire_batch(
@@ -53,6 +67,7 @@ def fire_batch(
     limit: int,
     daemon_id: str,
     misfire_grace: float | None,
+    direct: Direct | None = None,
 ) -> BatchResult:
     """Fire up to ``limit`` timers due at ``now`` inside the caller's transaction."""
     due = queries.claim_due(conn, now, limit)
@@ -89,7 +104,7 @@ def fire_batch(
     queries.complete_one_shots(conn, completed, now)
     queries.update_fired(conn, timer_updates)
     if event_rows:
-        result.deliveries = _record_events(conn, event_rows, routes, now)
+        _record_events(conn, event_rows, routes, now, direct, result)
         result.unrouted = sum(1 for subs in routes if not subs)
     result.fired = len(event_rows)
     return result
@@ -133,26 +148,73 @@ def _event_row(
 
 
 def _record_events(
-    conn: Connection, event_rows: list[dict[str, Any]], routes: list[list[str]], now: datetime
-) -> int:
-    """Insert the events and one delivery per (event, matching subscription); how many."""
+    conn: Connection,
+    event_rows: list[dict[str, Any]],
+    routes: list[list[str]],
+    now: datetime,
+    direct: Direct | None,
+    result: BatchResult,
+) -> None:
+    """Insert the events and one delivery per (event, matching subscription): written as sent
+    for subscriptions this batch sends to itself, waiting for the pump otherwise."""
     event_ids = queries.allocate_event_ids(conn, len(event_rows))
     for row, event_id in zip(event_rows, event_ids, strict=True):
         row["id"] = event_id
     queries.insert_events(conn, event_rows)
-    delivery_rows = [
-        {
-            "subscription_id": sub,
-            "event_id": event_id,
-            "attempt": 0,
-            "next_attempt_at": now,
-            "created_at": now,
-        }
-        for event_id, subs in zip(event_ids, routes, strict=True)
-        for sub in subs
-    ]
-    queries.insert_deliveries(conn, delivery_rows)
-    return len(delivery_rows)
+    waiting: list[dict[str, Any]] = []
+    sent: list[tuple[dict[str, Any], str]] = []  # (event row, subscription)
+    quota = direct.quota if direct is not None else {}
+    for row, subs in zip(event_rows, routes, strict=True):
+        for sub in subs:
+            if quota.get(sub, 0) > 0:
+                quota[sub] -= 1
+                sent.append((row, sub))
+                continue
+            waiting.append(
+                {
+                    "subscription_id": sub,
+                    "event_id": row["id"],
+                    "attempt": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+            )
+            if direct is not None and sub in direct.attached:
+                result.unsent.add(sub)
+    queries.insert_deliveries(conn, waiting)
+    if sent:
+        assert direct is not None
+        ids = queries.allocate_delivery_ids(conn, len(sent))
+        queries.insert_deliveries(
+            conn,
+            [
+                {
+                    "id": delivery_id,
+                    "subscription_id": sub,
+                    "event_id": row["id"],
+                    "attempt": 1,
+                    "next_attempt_at": direct.resend_at,
+                    "sent_at": now,
+                    "created_at": now,
+                }
+                for (row, sub), delivery_id in zip(sent, ids, strict=True)
+            ],
+        )
+        result.sends = [
+            Send(sub, delivery_id, _event_of(row))
+            for (row, sub), delivery_id in zip(sent, ids, strict=True)
+        ]
+    result.deliveries = len(waiting) + len(sent)
+
+
+def _event_of(row: dict[str, Any]) -> dict[str, Any]:
+    return event_body(
+        external_event_id=row["external_event_id"],
+        persona_id=row["persona_id"],
+        connector_idn=row["connector_idn"],
+        command_act_id=row["command_act_id"],
+        arguments=row["arguments"],
+    )
 
 
 class FireLoop:
@@ -168,7 +230,11 @@ class FireLoop:
         batch_size: int,
         misfire_grace: float | None,
         fired: Callable[[], None],
+        direct: DirectSends | None = None,
+        ack_timeout: float = 30.0,
     ) -> None:
+        self._direct = direct
+        self._ack_timeout = ack_timeout
         self._engine = engine
         self._clock = clock
         self._metrics = metrics
@@ -219,12 +285,29 @@ class FireLoop:
 
     def _one_batch(self) -> tuple[BatchResult, datetime | None]:
         now = self._clock.now()
-        with transaction(self._engine) as conn:
-            result = fire_batch(conn, now, self._batch_size, self._daemon_id, self._misfire_grace)
-            if result.deliveries:
-                notify(conn, DELIVERIES, self._daemon_id)
-            full = result.claimed >= self._batch_size
-            return result, None if full else queries.next_due_at(conn)
+        direct = None
+        if self._direct is not None:
+            quota, attached = self._direct.reserve()
+            taken = dict(quota)
+            direct = Direct(quota, attached, now + timedelta(seconds=self._ack_timeout))
+        try:
+            with transaction(self._engine) as conn:
+                result = fire_batch(
+                    conn, now, self._batch_size, self._daemon_id, self._misfire_grace, direct
+                )
+                if result.deliveries > len(result.sends):
+                    notify(conn, DELIVERIES, self._daemon_id)
+                full = result.claimed >= self._batch_size
+                next_due = None if full else queries.next_due_at(conn)
+        except BaseException:
+            if self._direct is not None:
+                self._direct.settle(taken)
+            raise
+        if self._direct is not None:
+            if result.unsent:
+                self._direct.lag(result.unsent)
+            self._direct.deliver(result.sends, taken)  # committed: push them now
+        return result, next_due
 
     def _record(self, result: BatchResult) -> None:
         self._metrics.record_batch(result.fired, result.dropped, result.lateness)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
 import orjson
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -50,7 +52,17 @@ ERROR_CODES: Final = frozenset(
 
 SET_COMMANDS: Final = frozenset({"set_timer", "set_repeatable_timer"})
 COMMANDS: Final = SET_COMMANDS | {"delete_timer", "get_timer", "list_timers", "delete_timers"}
-OPS: Final = ("command", "subscribe", "ack", "unsubscribe", "status", "ping")
+OPS: Final = (
+    "command",
+    "subscribe",
+    "ack",
+    "unsubscribe",
+    "status",
+    "ping",
+    "subscriptions",
+    "deliveries",
+    "redeliver",
+)
 
 
 class ProtocolError(Exception):
@@ -94,16 +106,37 @@ class SubscriptionFilter(BaseModel):
     personaId: Name | None = None
 
 
+def _iso_time(value: Any) -> datetime:
+    """An ISO 8601 time (``2026-03-01T12:00:00Z``, with an offset, or without one: UTC)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO 8601 time string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"expected an ISO 8601 time like 2026-03-01T12:00:00Z, got {_shorten(value)}"
+        ) from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+IsoTime = Annotated[datetime, BeforeValidator(_iso_time)]
+MAX_IDS: Final = 10_000  # delivery ids in one ack or redeliver
+
+
 class SubscribeRequest(_Request):
     op: Literal["subscribe"]
     subscriptionId: Name
     flowInstanceId: Name | None = None
     filter: SubscriptionFilter = Field(default_factory=SubscriptionFilter)
+    # A subscription created with it also gets the stored events fired at or after it.
+    since: IsoTime | None = None
 
 
 class AckRequest(_Request):
     op: Literal["ack"]
-    deliveryIds: Annotated[list[StrictInt], Field(max_length=10_000)]
+    deliveryIds: Annotated[list[StrictInt], Field(max_length=MAX_IDS)]
 
 
 class UnsubscribeRequest(_Request):
@@ -119,6 +152,25 @@ class PingRequest(_Request):
     op: Literal["ping"]
 
 
+class SubscriptionsRequest(_Request):
+    op: Literal["subscriptions"]
+
+
+class DeliveriesRequest(_Request):
+    op: Literal["deliveries"]
+    subscriptionId: Name
+    state: Literal["pending", "dead"]
+    limit: Annotated[StrictInt, Field(ge=1, le=1000)] = 100
+    after: Annotated[StrictInt, Field(ge=0)] | None = None  # a deliveryId: those after it
+
+
+class RedeliverRequest(_Request):
+    op: Literal["redeliver"]
+    subscriptionId: Name
+    # Absent: every dead delivery of the subscription.
+    deliveryIds: Annotated[list[StrictInt], Field(max_length=MAX_IDS)] | None = None
+
+
 Request = (
     CommandRequest
     | SubscribeRequest
@@ -126,6 +178,9 @@ Request = (
     | UnsubscribeRequest
     | StatusRequest
     | PingRequest
+    | SubscriptionsRequest
+    | DeliveriesRequest
+    | RedeliverRequest
 )
 _MODELS: Final[dict[str, type[BaseModel]]] = {
     "command": CommandRequest,
@@ -134,6 +189,9 @@ _MODELS: Final[dict[str, type[BaseModel]]] = {
     "unsubscribe": UnsubscribeRequest,
     "status": StatusRequest,
     "ping": PingRequest,
+    "subscriptions": SubscriptionsRequest,
+    "deliveries": DeliveriesRequest,
+    "redeliver": RedeliverRequest,
 }
 _SCALAR: Final[TypeAdapter[Any]] = TypeAdapter(Scalar)
 

@@ -22,18 +22,23 @@ from program_timer import __version__
 from program_timer.core import logs
 from program_timer.core.backoff import Backoff
 from program_timer.core.clock import Clock, utc_iso
+from program_timer.core.event import event_body
 from program_timer.core.model import STATES
 from program_timer.events.delivery import Dispatcher
 from program_timer.scheduler.commands import READ_ONLY_COMMANDS, Outcome
 from program_timer.scheduler.metrics import Metrics
 from program_timer.scheduler.protocol import (
+    COMMANDS,
     AckRequest,
     CommandRequest,
+    DeliveriesRequest,
     PingRequest,
     ProtocolError,
+    RedeliverRequest,
     Request,
     StatusRequest,
     SubscribeRequest,
+    SubscriptionsRequest,
     UnsubscribeRequest,
     decode_line,
     error_reply,
@@ -47,6 +52,7 @@ from program_timer.store.errors import StoreUnavailable
 
 log = logs.get_logger()
 T = TypeVar("T")
+PAGE_BYTES = 1024 * 1024  # a page of the deliveries op also ends at about this much event text
 
 
 @dataclass
@@ -83,6 +89,16 @@ class RequestHandler:
         self._metrics = metrics
         self._clock = clock
         self._connections = connections
+        # What /metrics reads too (scheduler/prometheus.py).
+        self.facts = facts
+        self.metrics = metrics
+        self.dispatcher = dispatcher
+        self.worker = worker
+        self.health = health
+        self.background = self._background
+        self.database_timeout = database_timeout
+        self.connections = connections
+        self.clock = clock
 
     async def handle(self, conn: ClientConnection, line: bytes) -> dict[str, Any]:
         rid: Any = None
@@ -121,6 +137,7 @@ class RequestHandler:
         except asyncio.CancelledError:
             if not expired:
                 raise  # the request itself was cancelled (shutdown)
+            self._metrics.record_database_error("timeout")
             reason = f"no answer within {self._timeout:g} s (PROGRAM_TIMER_DATABASE_TIMEOUT)"
             self._health.report(False, reason, write=write)
             raise StoreUnavailable(
@@ -132,14 +149,7 @@ class RequestHandler:
 
     async def _answer(self, conn: ClientConnection, request: Request) -> dict[str, Any]:
         if isinstance(request, CommandRequest):
-            outcome = await self._bounded(
-                self._worker.command(request, asyncio.get_running_loop()),
-                write=request.commandIdn not in READ_ONLY_COMMANDS,
-            )
-            if outcome.error is not None:
-                raise outcome.error
-            assert outcome.result is not None
-            return outcome.result
+            return await self._command(request)
         if isinstance(request, PingRequest):
             return {"pong": True}
         if isinstance(request, StatusRequest):
@@ -153,13 +163,101 @@ class RequestHandler:
                     request.flowInstanceId or request.subscriptionId,
                     f.connectorIdn,
                     f.personaId,
+                    since=request.since,
                 )
             )
         if isinstance(request, AckRequest):
             return await self._bounded(self._dispatcher.ack(conn, request.deliveryIds))
         if isinstance(request, UnsubscribeRequest):
             return await self._bounded(self._dispatcher.unsubscribe(conn, request.subscriptionId))
+        if isinstance(request, SubscriptionsRequest):
+            return await self._subscriptions()
+        if isinstance(request, DeliveriesRequest):
+            return await self._deliveries(request)
+        if isinstance(request, RedeliverRequest):
+            done = await self._bounded(
+                self._dispatcher.redeliver(request.subscriptionId, request.deliveryIds)
+            )
+            if done is None:
+                raise _no_subscription(request.subscriptionId)
+            return {"redelivered": done}
         raise AssertionError(request)  # pragma: no cover
+
+    async def _command(self, request: CommandRequest) -> dict[str, Any]:
+        """Apply one command; count it by command and result (``ok`` or the error code)."""
+        started = time.perf_counter()
+        result = "internal"
+        try:
+            outcome = await self._bounded(
+                self._worker.command(request, asyncio.get_running_loop()),
+                write=request.commandIdn not in READ_ONLY_COMMANDS,
+            )
+            if outcome.error is not None:
+                raise outcome.error
+            assert outcome.result is not None
+            result = "ok"
+            return outcome.result
+        except ProtocolError as err:
+            result = err.code
+            raise
+        except StoreUnavailable:
+            result = "unavailable"
+            raise
+        finally:
+            name = request.commandIdn if request.commandIdn in COMMANDS else "other"
+            self._metrics.record_command(name, result, time.perf_counter() - started)
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        """``fn(connection)`` in a read-only transaction on a store reader (on SQLite it does
+        not wait for the writer lock), within the database timeout."""
+        result: T = await self._bounded(asyncio.wrap_future(self._worker.read(fn)), write=False)
+        return result
+
+    async def _subscriptions(self) -> dict[str, Any]:
+        now = self._clock.now()
+        found = await self._read(lambda c: queries.subscription_figures(c, now))
+        return {"subscriptions": [_subscription_to_wire(s) for s in found]}
+
+    async def _deliveries(self, request: DeliveriesRequest) -> dict[str, Any]:
+        sid, limit = request.subscriptionId, request.limit
+        dead = request.state == "dead"
+
+        def read(conn: Connection) -> list[Any] | None:
+            if queries.get_subscription(conn, sid) is None:
+                return None
+            return queries.list_deliveries(
+                conn, sid, dead=dead, after=request.after, limit=limit + 1
+            )
+
+        rows = await self._read(read)
+        if rows is None:
+            raise _no_subscription(sid)
+        items: list[dict[str, Any]] = []
+        size = 0
+        for r in rows[:limit]:
+            size += sum(len(k) + len(v) for k, v in r.arguments.items())
+            if items and size > PAGE_BYTES:
+                break
+            items.append(
+                {
+                    "deliveryId": r.id,
+                    "attempt": r.attempt,
+                    "state": request.state,
+                    # Dead: never sent again (until redelivered).
+                    "nextAttemptAt": None if dead else utc_iso(r.next_attempt_at),
+                    "event": event_body(
+                        external_event_id=r.external_event_id,
+                        persona_id=r.persona_id,
+                        connector_idn=r.connector_idn,
+                        command_act_id=r.command_act_id,
+                        arguments=r.arguments,
+                    ),
+                }
+            )
+        result: dict[str, Any] = {"deliveries": items}
+        if len(items) < len(rows):
+            result["nextAfter"] = items[-1]["deliveryId"]
+        return result
 
     async def status(self) -> dict[str, Any]:
         now = self._clock.now()
@@ -201,6 +299,7 @@ class RequestHandler:
             "events": None,
             "deliveries": {
                 "pending": None,
+                "dead": None,
                 "oldestPendingAgeSeconds": None,
                 "inflight": self._dispatcher.inflight,
             },
@@ -217,19 +316,20 @@ class RequestHandler:
         }
 
     def commands_committed(self, done: list[tuple[CommandRequest, Outcome]]) -> datetime | None:
-        """After a command group committed (worker thread): log and count the commands; the
-        earliest due time they set (to wake the firing), if any."""
-        errors = 0
+        """After a command group committed (worker thread): log the commands (they are
+        counted as their replies go out); the earliest due time they set (to wake the
+        firing), if any."""
         earliest: datetime | None = None
         info, debug = logs.enabled(logging.INFO), logs.enabled(logging.DEBUG)
         for req, outcome in done:
-            if outcome.error is not None:
-                errors += 1
-            elif outcome.due_at is not None and (earliest is None or outcome.due_at < earliest):
+            if (
+                outcome.error is None
+                and outcome.due_at is not None
+                and (earliest is None or outcome.due_at < earliest)
+            ):
                 earliest = outcome.due_at
             if debug or (info and outcome.error is not None):
                 _log_command(req, outcome)
-        self._metrics.record_commands(len(done), errors)
         return earliest
 
 
@@ -260,6 +360,7 @@ def _add_stored_figures(result: dict[str, Any], data: dict[str, Any], now: datet
     result["timers"] = {state: data["counts"].get(state, 0) for state in STATES}
     result["events"] = {"stored": figures["events"], "unrouted": figures["unrouted_events"]}
     result["deliveries"]["pending"] = figures["pending"]
+    result["deliveries"]["dead"] = figures["dead"]
     result["deliveries"]["oldestPendingAgeSeconds"] = (
         round((now - oldest).total_seconds(), 3) if oldest else None
     )
@@ -274,3 +375,29 @@ def _add_stored_figures(result: dict[str, Any], data: dict[str, Any], now: datet
         }
         for d in data["daemons"]
     ]
+
+
+def _no_subscription(subscription_id: str) -> ProtocolError:
+    return ProtocolError(
+        "not_found", f"no subscription {subscription_id!r}"[:300], "subscriptionId"
+    )
+
+
+def _subscription_to_wire(found: dict[str, Any]) -> dict[str, Any]:
+    row = found["row"]
+    filter_ = {}
+    if row.filter_connector_idn is not None:
+        filter_["connectorIdn"] = row.filter_connector_idn
+    if row.filter_persona_id is not None:
+        filter_["personaId"] = row.filter_persona_id
+    return {
+        "subscriptionId": row.subscription_id,
+        "flowInstanceId": row.flow_instance_id,
+        "filter": filter_,
+        "attached": row.attached_to is not None,
+        "pending": found["pending"],
+        "inflight": found["inflight"],
+        "dead": found["dead"],
+        "oldestPendingAt": utc_iso(found["oldest_pending_at"]),
+        "lastAckAt": utc_iso(row.last_ack_at),
+    }

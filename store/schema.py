@@ -151,7 +151,9 @@ deliveries = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     # Dead letter (SPEC 7.4): no longer sent, kept and counted until redelivered (0002).
     Column("dead_at", UTCDateTime(), nullable=True),
-    Index("ix_deliveries_pending", "subscription_id", "acked_at", "id"),
+    # A subscription's pending deliveries (acked_at and dead_at NULL) in id order, and apart
+    # from them its dead ones (0003).
+    Index("ix_deliveries_pending", "subscription_id", "acked_at", "dead_at", "id"),
     Index("ix_deliveries_acked", "acked_at"),
     Index("ix_deliveries_event", "event_id"),
 )

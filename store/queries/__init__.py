@@ -22,7 +22,13 @@ from program_timer.store.queries.deliveries import (
     ack_deliveries as ack_deliveries,
 )
 from program_timer.store.queries.deliveries import (
+    allocate_delivery_ids as allocate_delivery_ids,
+)
+from program_timer.store.queries.deliveries import (
     allocate_event_ids as allocate_event_ids,
+)
+from program_timer.store.queries.deliveries import (
+    delivery_counts as delivery_counts,
 )
 from program_timer.store.queries.deliveries import (
     delivery_figures as delivery_figures,
@@ -31,19 +37,43 @@ from program_timer.store.queries.deliveries import (
     due_deliveries as due_deliveries,
 )
 from program_timer.store.queries.deliveries import (
+    expire_pending as expire_pending,
+)
+from program_timer.store.queries.deliveries import (
+    inflight_count as inflight_count,
+)
+from program_timer.store.queries.deliveries import (
     insert_deliveries as insert_deliveries,
 )
 from program_timer.store.queries.deliveries import (
     insert_events as insert_events,
 )
 from program_timer.store.queries.deliveries import (
+    list_deliveries as list_deliveries,
+)
+from program_timer.store.queries.deliveries import (
+    mark_dead as mark_dead,
+)
+from program_timer.store.queries.deliveries import (
     mark_sent as mark_sent,
+)
+from program_timer.store.queries.deliveries import (
+    pending_figures as pending_figures,
 )
 from program_timer.store.queries.deliveries import (
     purge_deliveries_and_events as purge_deliveries_and_events,
 )
 from program_timer.store.queries.deliveries import (
+    redeliver as redeliver,
+)
+from program_timer.store.queries.deliveries import (
     release_unacked as release_unacked,
+)
+from program_timer.store.queries.deliveries import (
+    replay_events as replay_events,
+)
+from program_timer.store.queries.deliveries import (
+    resend_delay as resend_delay,
 )
 from program_timer.store.queries.subscriptions import (
     all_subscriptions as all_subscriptions,
@@ -77,6 +107,9 @@ from program_timer.store.queries.subscriptions import (
 )
 from program_timer.store.queries.subscriptions import (
     register_daemon as register_daemon,
+)
+from program_timer.store.queries.subscriptions import (
+    subscription_figures as subscription_figures,
 )
 from program_timer.store.queries.subscriptions import (
     upsert_subscription as upsert_subscription,

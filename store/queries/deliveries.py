@@ -4,11 +4,22 @@ them, acks and the purge end them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Final
 
-from psycopg.types.json import Jsonb
-from sqlalchemy import Connection, Row, delete, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    Table,
+    and_,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from program_timer.store.queries import driver
 from program_timer.store.queries.batches import chunks
@@ -16,42 +27,39 @@ from program_timer.store.schema import deliveries, events, subscriptions
 
 
 def allocate_event_ids(conn: Connection, n: int) -> list[int]:
-    """Ids for ``n`` new events, so that they are inserted without ``RETURNING``.
+    """Ids for ``n`` new events, so that they are inserted without ``RETURNING``."""
+    return _allocate_ids(conn, events, n)
 
-    PostgreSQL: from the table's sequence, in one round trip. SQLite: the transaction holds the
-    database's write lock (``BEGIN IMMEDIATE``), so the ids after the current maximum are ours.
-    """
+
+def allocate_delivery_ids(conn: Connection, n: int) -> list[int]:
+    """Ids for ``n`` new deliveries (those a fire batch sends at once: pushed by id)."""
+    return _allocate_ids(conn, deliveries, n)
+
+
+def _allocate_ids(conn: Connection, table: Table, n: int) -> list[int]:
+    """PostgreSQL: from the table's sequence, in one round trip. SQLite: the transaction holds
+    the database's write lock (``BEGIN IMMEDIATE``), so the ids after the current maximum are
+    ours."""
     if n <= 0:
         return []
     if conn.dialect.name == "postgresql":
         rows = conn.execute(
             text(
-                "SELECT nextval(pg_get_serial_sequence('events', 'id')) FROM generate_series(1, :n)"
+                f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id')) "
+                "FROM generate_series(1, :n)"
             ),
             {"n": n},
         )
         return [r[0] for r in rows]
-    top = conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar() or 0
+    top = conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar() or 0
     return list(range(top + 1, top + 1 + n))
 
 
 def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows carry their ``id`` (see :func:`allocate_event_ids`). On PostgreSQL they are
-    written with ``COPY`` in the caller's transaction: one stream instead of a statement per
-    row."""
-    if not rows:
-        return
-    columns = tuple(rows[0])
-    if conn.dialect.name != "postgresql":
+    """Rows carry their ``id`` (see :func:`allocate_event_ids`)."""
+    if rows:
+        columns = tuple(rows[0])
         driver.insert_rows(conn, events, columns, [tuple(r[c] for c in columns) for r in rows])
-        return
-    json_at = columns.index("arguments")
-    raw: Any = conn.connection.dbapi_connection  # psycopg's own connection: it has COPY
-    with raw.cursor() as cur, cur.copy(f"COPY events ({', '.join(columns)}) FROM STDIN") as copy:
-        for row in rows:
-            values = [row[c] for c in columns]
-            values[json_at] = Jsonb(values[json_at])
-            copy.write_row(values)
 
 
 def insert_deliveries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
@@ -60,16 +68,36 @@ def insert_deliveries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         driver.insert_rows(conn, deliveries, columns, [tuple(r[c] for c in columns) for r in rows])
 
 
+# Pending: neither acked nor dead. Both are columns of ix_deliveries_pending, before ``id``: a
+# subscription's pending deliveries are one range of it, in id order, and its dead ones another.
+_INDEX_ORDER = (
+    deliveries.c.subscription_id,
+    deliveries.c.acked_at,
+    deliveries.c.dead_at,
+    deliveries.c.id,
+)
+_MAX_DOUBLINGS: Final = 60  # 2**60 times any ack timeout is past any cap: no float overflow
+
+
+def resend_delay(attempt: int, ack_timeout: float, retry_max_delay: float) -> float:
+    """How long a delivery sent for the ``attempt``-th time (1: the first send) waits for its
+    ack before it is sent again: the ack timeout, doubling with every send, at most
+    ``retry_max_delay`` (never less than the ack timeout: the first resend always waits that)."""
+    doublings = min(max(attempt - 1, 0), _MAX_DOUBLINGS)
+    return min(ack_timeout * 2.0**doublings, max(retry_max_delay, ack_timeout))
+
+
 def due_deliveries(
     conn: Connection, subscription_id: str, now: datetime, limit: int
 ) -> list[Row[Any]]:
     """Pending deliveries of a subscription that may be sent now, in fire order.
 
-    Ordered like ``ix_deliveries_pending`` (``subscription_id`` and ``acked_at`` are fixed by
-    the filter, so this is the order of ``id``): PostgreSQL then reads that index in order and
-    stops at ``limit`` (0.1 ms at 20,000 pending). Ordered by ``id`` alone it sorts every
-    pending delivery, or walks the primary key through the acked ones (3 to 20 ms). Statistics
-    taken while almost nothing was pending still mislead it into the sort.
+    Ordered like ``ix_deliveries_pending`` (``subscription_id``, ``acked_at`` and ``dead_at``
+    are fixed by the filter, so this is the order of ``id``): PostgreSQL then reads that index
+    in order and stops at ``limit`` (0.1 ms at 20,000 pending). Ordered by ``id`` alone it sorts
+    every pending delivery, or walks the primary key through the acked ones (3 to 20 ms).
+    Statistics taken while almost nothing was pending still mislead it into the sort. Dead
+    deliveries are outside the range: however many there are, they cost a refill nothing.
     """
     stmt = (
         select(
@@ -85,36 +113,68 @@ def due_deliveries(
         .where(
             deliveries.c.subscription_id == subscription_id,
             deliveries.c.acked_at.is_(None),
+            deliveries.c.dead_at.is_(None),
             deliveries.c.next_attempt_at <= now,
         )
-        .order_by(deliveries.c.subscription_id, deliveries.c.acked_at, deliveries.c.id)
+        .order_by(*_INDEX_ORDER)
         .limit(limit)
     )
     return list(conn.execute(stmt))
 
 
 def mark_sent(
-    conn: Connection, delivery_ids: Sequence[int], sent_at: datetime, next_attempt_at: datetime
+    conn: Connection,
+    sent: Sequence[tuple[int, int]],
+    sent_at: datetime,
+    *,
+    ack_timeout: float,
+    retry_max_delay: float,
 ) -> None:
-    """Record that these deliveries are being sent: one more ``attempt`` (persisted before the
-    push, so that it counts up across reconnects, restarts and crashes), and not sendable
-    again before ``next_attempt_at`` (the ack timeout). One statement for the whole batch."""
-    for chunk in chunks(delivery_ids):
-        conn.execute(
-            update(deliveries)
-            .where(deliveries.c.id.in_(chunk))
-            .values(
-                attempt=deliveries.c.attempt + 1,
-                sent_at=sent_at,
-                next_attempt_at=next_attempt_at,
+    """Record that these deliveries are being sent: ``sent`` holds (delivery id, its attempt
+    before this send). Each gets one more ``attempt`` (persisted before the push, so that it
+    counts up across reconnects, restarts and crashes) and is not sendable again before its
+    resend wait has passed (:func:`resend_delay`: the ack timeout after the first send, twice
+    that after the second, ... up to ``retry_max_delay``). One statement per attempt number
+    in the batch (usually one: first sends)."""
+    by_attempt: dict[int, list[int]] = {}
+    for delivery_id, attempt in sent:
+        by_attempt.setdefault(attempt + 1, []).append(delivery_id)
+    for attempt, ids in by_attempt.items():
+        resend_at = sent_at + timedelta(seconds=resend_delay(attempt, ack_timeout, retry_max_delay))
+        for chunk in chunks(ids):
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id.in_(chunk))
+                .values(
+                    attempt=deliveries.c.attempt + 1,
+                    sent_at=sent_at,
+                    next_attempt_at=resend_at,
+                )
             )
-        )
+
+
+def mark_dead(conn: Connection, delivery_ids: Sequence[int], now: datetime) -> int:
+    """These pending deliveries become dead letters (their attempts are spent): never sent
+    again, kept and counted until redelivered or purged. How many did."""
+    dead = 0
+    for chunk in chunks(delivery_ids):
+        dead += conn.execute(
+            update(deliveries)
+            .where(
+                deliveries.c.id.in_(chunk),
+                deliveries.c.acked_at.is_(None),
+                deliveries.c.dead_at.is_(None),
+            )
+            .values(dead_at=now)
+        ).rowcount
+    return dead
 
 
 def ack_deliveries(
     conn: Connection, delivery_ids: Sequence[int], subscription_ids: Sequence[str], now: datetime
 ) -> list[int]:
-    """Ack the given deliveries of these subscriptions; returns the ids really acked now.
+    """Ack the given deliveries of these subscriptions; returns the ids really acked now. The
+    subscriptions that had one acked get ``last_ack_at = now`` (to the second).
 
     The rows are found by primary key only, in a materialized CTE, and checked (subscription,
     not acked yet) there: any filter on ``acked_at`` or ``subscription_id`` in the ``UPDATE``
@@ -122,11 +182,13 @@ def ack_deliveries(
     case at the start of a burst), scan every pending delivery through ``ix_deliveries_acked``
     or ``ix_deliveries_pending`` for each ack: milliseconds per ack at 20,000 pending, and
     200 ms with the check repeated outside the CTE. Without that recheck, a concurrent ack of
-    the same row (another daemon, READ COMMITTED) is applied twice: harmless.
+    the same row (another daemon, READ COMMITTED) is applied twice: harmless. A dead delivery
+    that is acked (it was in flight when it died) counts as acked.
     """
     if not subscription_ids:
         return []
     acked: list[int] = []
+    acking: set[str] = set()
     for chunk in chunks(delivery_ids):
         named = (
             select(deliveries.c.id, deliveries.c.subscription_id, deliveries.c.acked_at)
@@ -141,50 +203,304 @@ def ack_deliveries(
             update(deliveries)
             .where(deliveries.c.id.in_(theirs))
             .values(acked_at=now)
-            .returning(deliveries.c.id)
+            .returning(deliveries.c.id, deliveries.c.subscription_id)
         )
-        acked.extend(r[0] for r in result)
+        for delivery_id, subscription_id in result:
+            acked.append(delivery_id)
+            acking.add(subscription_id)
+    if acking:
+        # At most one write a second per subscription, not one per ack group.
+        conn.execute(
+            update(subscriptions)
+            .where(
+                subscriptions.c.subscription_id.in_(sorted(acking)),
+                or_(
+                    subscriptions.c.last_ack_at.is_(None),
+                    subscriptions.c.last_ack_at < now - timedelta(seconds=1),
+                ),
+            )
+            .values(last_ack_at=now)
+        )
     return acked
 
 
 def release_unacked(conn: Connection, subscription_ids: Sequence[str], now: datetime) -> None:
     """Make a subscription's in-flight deliveries sendable at once (it reconnected). Those
-    never sent, or whose ack timeout passed, are sendable already: left alone."""
+    never sent, or whose resend wait passed, are sendable already: left alone; dead ones too."""
     if subscription_ids:
         conn.execute(
             update(deliveries)
             .where(
                 deliveries.c.subscription_id.in_(list(subscription_ids)),
                 deliveries.c.acked_at.is_(None),
+                deliveries.c.dead_at.is_(None),
                 deliveries.c.next_attempt_at > now,
             )
             .values(next_attempt_at=now)
         )
 
 
-def delivery_figures(conn: Connection) -> dict[str, Any]:
-    pending, oldest = conn.execute(
-        select(func.count(), func.min(deliveries.c.created_at)).where(
-            deliveries.c.acked_at.is_(None)
+# --- figures: per subscription, each a range of ix_deliveries_pending -----------------------
+
+
+def _subscription_ids(conn: Connection) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            select(subscriptions.c.subscription_id).order_by(subscriptions.c.subscription_id)
         )
+    ]
+
+
+def delivery_counts(conn: Connection, subscription_id: str) -> tuple[int, int, datetime | None]:
+    """(pending, dead, when the oldest pending one was created) of one subscription.
+
+    Two reads of its unacked range of ``ix_deliveries_pending``: the counts (``dead_at`` is in
+    the index, so PostgreSQL can answer from the index alone), then the first pending row."""
+    unacked = (
+        deliveries.c.subscription_id == subscription_id,
+        deliveries.c.acked_at.is_(None),
+    )
+    total, dead = conn.execute(
+        select(func.count(), func.count(deliveries.c.dead_at)).where(*unacked)
     ).one()
-    unrouted = conn.execute(select(func.count()).where(events.c.routed == 0)).scalar() or 0
-    total_events = conn.execute(select(func.count()).select_from(events)).scalar() or 0
-    subs = conn.execute(select(func.count()).select_from(subscriptions)).scalar() or 0
+    oldest = conn.execute(
+        select(deliveries.c.created_at)
+        .where(*unacked, deliveries.c.dead_at.is_(None))
+        .order_by(*_INDEX_ORDER)
+        .limit(1)
+    ).scalar()
+    return total - dead, dead, oldest
+
+
+def inflight_count(conn: Connection, subscription_id: str, now: datetime) -> int:
+    """Pending deliveries of a subscription that were sent and whose resend wait has not
+    passed: awaiting an ack. (Reads the pending rows: an admin figure, not a gauge.)"""
+    return (
+        conn.execute(
+            select(func.count()).where(
+                deliveries.c.subscription_id == subscription_id,
+                deliveries.c.acked_at.is_(None),
+                deliveries.c.dead_at.is_(None),
+                deliveries.c.attempt > 0,
+                deliveries.c.next_attempt_at > now,
+            )
+        ).scalar()
+        or 0
+    )
+
+
+def pending_figures(conn: Connection) -> dict[str, Any]:
+    """Pending and dead deliveries of all subscriptions, and the oldest pending one's creation
+    time: one range read per subscription, never a scan of the table (``/metrics``)."""
+    pending = dead = 0
+    oldest: datetime | None = None
+    subs = _subscription_ids(conn)
+    for sid in subs:
+        p, d, o = delivery_counts(conn, sid)
+        pending += p
+        dead += d
+        if o is not None and (oldest is None or o < oldest):
+            oldest = o
     return {
         "pending": pending,
+        "dead": dead,
         "oldest_pending_at": oldest,
-        "unrouted_events": unrouted,
-        "events": total_events,
-        "subscriptions": subs,
+        "subscriptions": len(subs),
     }
 
 
+def delivery_figures(conn: Connection) -> dict[str, Any]:
+    """What ``status`` shows of deliveries and events."""
+    figures = pending_figures(conn)
+    figures["unrouted_events"] = (
+        conn.execute(select(func.count()).where(events.c.routed == 0)).scalar() or 0
+    )
+    figures["events"] = conn.execute(select(func.count()).select_from(events)).scalar() or 0
+    return figures
+
+
+# --- the admin ops ----------------------------------------------------------------------------
+
+
+def list_deliveries(
+    conn: Connection, subscription_id: str, *, dead: bool, after: int | None, limit: int
+) -> list[Row[Any]]:
+    """A page of a subscription's pending (or dead) deliveries with their events, by id."""
+    stmt = (
+        select(
+            deliveries.c.id,
+            deliveries.c.attempt,
+            deliveries.c.next_attempt_at,
+            deliveries.c.dead_at,
+            events.c.external_event_id,
+            events.c.persona_id,
+            events.c.connector_idn,
+            events.c.command_act_id,
+            events.c.arguments,
+        )
+        .join(events, events.c.id == deliveries.c.event_id)
+        .where(
+            deliveries.c.subscription_id == subscription_id,
+            deliveries.c.acked_at.is_(None),
+            deliveries.c.dead_at.is_not(None) if dead else deliveries.c.dead_at.is_(None),
+        )
+        .order_by(*_INDEX_ORDER if not dead else (deliveries.c.id,))
+        .limit(limit)
+    )
+    if after is not None:
+        stmt = stmt.where(deliveries.c.id > after)
+    return list(conn.execute(stmt))
+
+
+def redeliver(
+    conn: Connection, subscription_id: str, delivery_ids: Sequence[int] | None, now: datetime
+) -> int:
+    """Dead deliveries of a subscription (the given ones, else all) become pending again,
+    sendable at once, with a fresh attempt budget (``attempt`` 0). How many did."""
+    where = (
+        deliveries.c.subscription_id == subscription_id,
+        deliveries.c.acked_at.is_(None),
+        deliveries.c.dead_at.is_not(None),
+    )
+    revive = update(deliveries).values(dead_at=None, attempt=0, sent_at=None, next_attempt_at=now)
+    if delivery_ids is None:
+        return conn.execute(revive.where(*where)).rowcount
+    done = 0
+    for chunk in chunks(sorted(set(delivery_ids))):
+        done += conn.execute(revive.where(*where, deliveries.c.id.in_(chunk))).rowcount
+    return done
+
+
+REPLAY_CHUNK: Final = 2000
+
+
+def replay_events(
+    conn: Connection,
+    subscription_id: str,
+    *,
+    connector_idn: str | None,
+    persona_id: str | None,
+    since: datetime,
+    now: datetime,
+    chunk: int = REPLAY_CHUNK,
+) -> int:
+    """Give a new subscription a delivery of every stored event matching its filter fired at
+    or after ``since``, in fire order; how many. The events are read and the deliveries
+    written ``chunk`` at a time (keyset on ``ix_events_fired_at``), so memory stays bounded."""
+    match = [events.c.fired_at >= since]
+    if connector_idn is not None:
+        match.append(events.c.connector_idn == connector_idn)
+    if persona_id is not None:
+        match.append(events.c.persona_id == persona_id)
+    total = 0
+    last: tuple[datetime, int] | None = None
+    while True:
+        stmt = select(events.c.id, events.c.fired_at).where(*match)
+        if last is not None:
+            stmt = stmt.where(
+                or_(
+                    events.c.fired_at > last[0],
+                    and_(events.c.fired_at == last[0], events.c.id > last[1]),
+                )
+            )
+        rows = list(conn.execute(stmt.order_by(events.c.fired_at, events.c.id).limit(chunk)))
+        if not rows:
+            return total
+        insert_deliveries(
+            conn,
+            [
+                {
+                    "subscription_id": subscription_id,
+                    "event_id": r.id,
+                    "attempt": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+                for r in rows
+            ],
+        )
+        total += len(rows)
+        if len(rows) < chunk:
+            return total
+        last = (rows[-1].fired_at, rows[-1].id)
+
+
+# --- retention --------------------------------------------------------------------------------
+
+
+def _expired_window(expired_before: datetime, expired_after: datetime | None) -> list[Any]:
+    window = [events.c.fired_at < expired_before]
+    if expired_after is not None:
+        window.append(events.c.fired_at >= expired_after)
+    return window
+
+
+def expire_pending(
+    conn: Connection,
+    expired_before: datetime,
+    now: datetime,
+    *,
+    expired_after: datetime | None = None,
+) -> int:
+    """Pending deliveries of events fired before ``expired_before`` (the retention) become
+    dead letters: kept and counted, never silently dropped. ``expired_after`` bounds the events
+    looked at (those of the previous purge were done then). How many did."""
+    old = select(events.c.id).where(*_expired_window(expired_before, expired_after))
+    return conn.execute(
+        update(deliveries)
+        .where(
+            deliveries.c.event_id.in_(old),
+            deliveries.c.acked_at.is_(None),
+            deliveries.c.dead_at.is_(None),
+        )
+        .values(dead_at=now)
+    ).rowcount
+
+
 def purge_deliveries_and_events(
-    conn: Connection, acked_before: datetime, expired_before: datetime
+    conn: Connection,
+    acked_before: datetime,
+    expired_before: datetime,
+    *,
+    expired_after: datetime | None = None,
 ) -> tuple[int, int]:
-    acked = conn.execute(delete(deliveries).where(deliveries.c.acked_at < acked_before)).rowcount
-    old_events = select(events.c.id).where(events.c.fired_at < expired_before)
-    conn.execute(delete(deliveries).where(deliveries.c.event_id.in_(old_events)))
-    expired = conn.execute(delete(events).where(events.c.fired_at < expired_before)).rowcount
-    return acked, expired
+    """Delete what outlived its keeping; (deliveries, events) deleted.
+
+    - acked deliveries acked before ``acked_before``;
+    - dead deliveries dead before ``expired_before``: a dead letter is kept one retention
+      after it died (one range of ``ix_deliveries_pending`` per subscription);
+    - the acked deliveries of events fired before ``expired_before``, and those events once
+      no delivery holds them: an event with a dead delivery stays as long as that delivery
+      (call :func:`expire_pending` first: pending deliveries of expired events become dead).
+
+    ``expired_after`` bounds the expired events looked at to those not seen by the previous
+    purge (the events of purged dead letters are always looked at).
+    """
+    purged = conn.execute(delete(deliveries).where(deliveries.c.acked_at < acked_before)).rowcount
+    freed: set[int] = set()
+    for sid in _subscription_ids(conn):
+        gone = conn.execute(
+            delete(deliveries)
+            .where(
+                deliveries.c.subscription_id == sid,
+                deliveries.c.acked_at.is_(None),
+                deliveries.c.dead_at < expired_before,
+            )
+            .returning(deliveries.c.event_id)
+        )
+        ids = [r[0] for r in gone]
+        purged += len(ids)
+        freed.update(ids)
+    window = _expired_window(expired_before, expired_after)
+    old = select(events.c.id).where(*window)
+    purged += conn.execute(
+        delete(deliveries).where(deliveries.c.event_id.in_(old), deliveries.c.acked_at.is_not(None))
+    ).rowcount
+    unheld = ~exists().where(deliveries.c.event_id == events.c.id)
+    expired = conn.execute(delete(events).where(*window, unheld)).rowcount
+    for chunk in chunks(sorted(freed)):
+        expired += conn.execute(
+            delete(events).where(events.c.id.in_(chunk), events.c.fired_at < expired_before, unheld)
+        ).rowcount
+    return purged, expired

@@ -8,11 +8,32 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, delete, insert, select, update
 
+from program_timer.store.queries.deliveries import delivery_counts, inflight_count
 from program_timer.store.schema import daemons, deliveries, subscriptions
 
 
 def all_subscriptions(conn: Connection) -> list[Row[Any]]:
     return list(conn.execute(select(subscriptions)))
+
+
+def subscription_figures(conn: Connection, now: datetime) -> list[dict[str, Any]]:
+    """Every subscription (by id) with its deliveries' figures: ``pending`` (neither acked
+    nor dead, in flight included), ``inflight`` (sent, awaiting an ack), ``dead``, and when
+    the oldest pending one was created. A few range reads of ``ix_deliveries_pending`` each
+    (``inflight`` reads the pending rows: this is an admin listing, not a gauge)."""
+    out = []
+    for row in conn.execute(select(subscriptions).order_by(subscriptions.c.subscription_id)):
+        pending, dead, oldest = delivery_counts(conn, row.subscription_id)
+        out.append(
+            {
+                "row": row,
+                "pending": pending,
+                "inflight": inflight_count(conn, row.subscription_id, now) if pending else 0,
+                "dead": dead,
+                "oldest_pending_at": oldest,
+            }
+        )
+    return out
 
 
 def get_subscription(conn: Connection, subscription_id: str) -> Row[Any] | None:
