@@ -35,103 +35,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Connection
 
 from program_timer.core.backoff import Backoff
 from program_timer.core.event import event_body, event_message
 from program_timer.core.logs import get_logger
+from program_timer.events.acks import AckWriter
+from program_timer.events.attachment import Attachment, Peer, Worker
 from program_timer.events.direct import DirectSends, Send
 from program_timer.store import queries
 from program_timer.store.errors import StoreUnavailable
 from program_timer.store.notify import DELIVERIES, notify
 
 log = get_logger()
-
-
-class Peer(Protocol):
-    """What the dispatcher needs of a client connection."""
-
-    closed: bool
-
-    def push(self, message: dict[str, Any]) -> None: ...
-
-    @property
-    def backlogged(self) -> bool:
-        """The peer is not reading: nothing more is pushed to it for now."""
-        ...
-
-
-class Worker(Protocol):
-    def call(self, fn: Callable[[Connection], Any], *, durable: bool = True) -> Future[Any]: ...
-
-
-@dataclass(slots=True)
-class _PendingAck:
-    subscription_ids: tuple[str, ...]  # those of the acking connection
-    delivery_ids: list[int]
-    future: asyncio.Future[int]  # how many of them this ack acked
-
-
-@dataclass
-class Attachment:
-    subscription_id: str
-    flow_instance_id: str
-    peer: Peer
-    # delivery id -> resend deadline (monotonic): the deliveries in flight.
-    inflight: dict[int, float] = field(default_factory=dict)
-    # The same deliveries by resend wait (the ack timeout, doubled per send up to the cap):
-    # wait -> {delivery id: deadline} in send order. Every send re-inserts its id at the end of
-    # its wait's queue with a deadline of now + that wait, so deadlines never decrease along a
-    # queue: the expired ones and the next deadline are found at the queues' heads, without
-    # scanning the window (a handful of queues: one per doubling).
-    _queues: dict[float, dict[int, float]] = field(default_factory=dict)
-    _wait_of: dict[int, float] = field(default_factory=dict)
-    # Some in-flight delivery passed its deadline: it is sendable again, refill even if less
-    # than half the window is free.
-    resend_due: bool = False
-
-    def sent(self, delivery_id: int, deadline: float, wait: float) -> None:
-        """In flight until ``deadline`` (monotonic; the send's time plus ``wait``)."""
-        self.forget(delivery_id)  # a resend goes to the end: send order is kept
-        self.inflight[delivery_id] = deadline
-        self._wait_of[delivery_id] = wait
-        self._queues.setdefault(wait, {})[delivery_id] = deadline
-
-    def forget(self, delivery_id: int) -> None:
-        """No longer in flight (acked, or sent again)."""
-        if self.inflight.pop(delivery_id, None) is None:
-            return
-        wait = self._wait_of.pop(delivery_id)
-        queue = self._queues[wait]
-        del queue[delivery_id]
-        if not queue:
-            del self._queues[wait]
-
-    def expire(self, mono: float) -> None:
-        """Drop the deliveries whose resend wait passed (the database has them due again)."""
-        for wait, queue in list(self._queues.items()):
-            while queue:
-                delivery_id, deadline = next(iter(queue.items()))
-                if deadline > mono:
-                    break
-                del queue[delivery_id]
-                del self.inflight[delivery_id]
-                del self._wait_of[delivery_id]
-                self.resend_due = True
-            if not queue:
-                del self._queues[wait]
-
-    def next_deadline(self) -> float | None:
-        heads = [next(iter(queue.values())) for queue in self._queues.values() if queue]
-        return min(heads) if heads else None
 
 
 class Dispatcher:
@@ -170,8 +91,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._acks: list[_PendingAck] = []
-        self._ack_writer: asyncio.Task[None] | None = None
+        self._acks = AckWriter(self._db, now)
         self.backoff = Backoff("delivery_refill")
         self.direct = DirectSends()  # fire batches send to attached subscriptions themselves
         self.direct.attach(self._deliver_from_fire_thread)
@@ -190,9 +110,7 @@ class Dispatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._ack_writer is not None:
-            with contextlib.suppress(Exception):  # its acks get the error
-                await self._ack_writer  # the acks already received are written
+        await self._acks.drain()
         ids = list(self._attached)
         self._attached.clear()
         if ids:
@@ -340,11 +258,7 @@ class Dispatcher:
         subs = [a.subscription_id for a in mine]
         if not subs or not delivery_ids:
             return {"acked": 0}
-        pending = _PendingAck(tuple(subs), delivery_ids, asyncio.get_running_loop().create_future())
-        self._acks.append(pending)
-        if self._ack_writer is None or self._ack_writer.done():
-            self._ack_writer = asyncio.create_task(self._write_acks(), name="delivery-acks")
-        acked = await pending.future
+        acked = await self._acks.submit(tuple(subs), delivery_ids)
         self.acked += acked
         # Acks of deliveries already acked (a resend raced the ack) are not errors.
         for attachment in mine:
@@ -352,36 +266,6 @@ class Dispatcher:
                 attachment.forget(delivery_id)
         self._wake.set()
         return {"acked": acked}
-
-    async def _write_acks(self) -> None:
-        """Write the queued acks, all of them in one worker call (one ``UPDATE`` per acking
-        connection); acks arriving meanwhile wait for the next round."""
-        while self._acks:
-            batch, self._acks = self._acks, []
-            by_subs: dict[tuple[str, ...], list[int]] = {}
-            for p in batch:
-                by_subs.setdefault(p.subscription_ids, []).extend(p.delivery_ids)
-            write = functools.partial(_write_acks, by_subs=by_subs, now=self._now())
-            try:
-                # Not durable: an ack lost in a database crash only means the delivery is
-                # sent again.
-                acked = await self._db(write, durable=False)
-            except BaseException as exc:
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            for p in batch:
-                done = acked[p.subscription_ids]
-                count = 0
-                for delivery_id in p.delivery_ids:
-                    if delivery_id in done:  # counted for the first ack that names it
-                        done.discard(delivery_id)
-                        count += 1
-                if not p.future.done():
-                    p.future.set_result(count)
 
     async def disconnected(self, peer: Peer) -> None:
         gone = [sid for sid, a in self._attached.items() if a.peer is peer]
@@ -576,12 +460,3 @@ class Dispatcher:
                 # else: sent again when its subscriber attaches, or after the ack timeout
         finally:
             self.direct.settle(taken, used)
-
-
-def _write_acks(
-    conn: Connection, by_subs: dict[tuple[str, ...], list[int]], now: datetime
-) -> dict[tuple[str, ...], set[int]]:
-    """Ack each connection's deliveries (of its own subscriptions); the ids acked now."""
-    return {
-        subs: set(queries.ack_deliveries(conn, ids, subs, now)) for subs, ids in by_subs.items()
-    }

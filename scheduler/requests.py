@@ -26,6 +26,7 @@ from program_timer.core.event import event_body
 from program_timer.core.model import STATES
 from program_timer.events.delivery import Dispatcher
 from program_timer.scheduler.commands import READ_ONLY_COMMANDS, Outcome
+from program_timer.scheduler.connection import ClientConnection
 from program_timer.scheduler.metrics import Metrics
 from program_timer.scheduler.protocol import (
     COMMANDS,
@@ -44,7 +45,6 @@ from program_timer.scheduler.protocol import (
     error_reply,
     ok_reply,
 )
-from program_timer.scheduler.server import ClientConnection
 from program_timer.scheduler.worker import StoreWorker
 from program_timer.store import queries
 from program_timer.store.db import Health

@@ -15,180 +15,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import resource
 import socket
-import stat
-import struct
-from collections import deque
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, Final
 
 from program_timer.core.logs import get_logger
+from program_timer.scheduler.connection import (
+    MIN_REPLY_ESTIMATE,
+    READ_CHUNK,
+    ClientConnection,
+    encode_reply,
+)
 from program_timer.scheduler.protocol import MAX_LINE, ProtocolError, encode, error_reply
+from program_timer.scheduler.socket_file import (
+    FD_RESERVE,
+    claim_socket_path,
+    file_identity,
+    raise_fd_limit,
+)
 
 log = get_logger()
 
 Handler = Callable[["ClientConnection", bytes], Awaitable[dict[str, Any]]]
 
-READ_CHUNK: Final = 64 * 1024
-"""Bytes read from a connection at a time; the stream pauses the socket at twice this."""
-PIPELINE_BYTES: Final = 2 * 1024 * 1024
-"""Unanswered request bytes plus unwritten reply and event bytes a connection may hold (beyond
-one)."""
-INITIAL_REPLY_ESTIMATE: Final = PIPELINE_BYTES // 16
-MIN_REPLY_ESTIMATE: Final = 256
 LINE_TIMEOUT: Final = 60.0
 """Seconds a started request line may take to be finished before the connection is dropped."""
 DROP_GRACE: Final = 5.0
 """Seconds to flush the last error to a dropped client before aborting its connection."""
-FD_RESERVE: Final = 256
-"""File descriptors kept beyond ``max_connections`` (database, logs, listening socket)."""
 SOCKET_CHECK: Final = 2.0
 """Seconds between two checks that the socket file is still the daemon's."""
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-class ClientConnection:
-    """One client: its peer credentials, its reply pipeline, and pushes (events)."""
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        number: int,
-        max_pipeline: int,
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.number = number
-        self.closed = False
-        self.pid, self.uid, self.gid = peer_credentials(writer)
-        self.max_pipeline = max_pipeline
-        # The pipeline: replies (futures) in request order and pushed events (their bytes),
-        # and the bytes they hold.
-        self.pending: deque[asyncio.Future[bytes] | bytes] = deque()
-        self.pending_bytes = 0
-        # Requests whose reply is not computed yet hold no bytes, but will: each is counted
-        # at an estimate of the reply size that starts high (a new connection has 16 requests
-        # in flight) and follows the replies seen: it jumps to a large one at once and decays
-        # towards small ones, so a client pipelining thousands of small requests with
-        # megabyte replies is admitted a few at a time, and one sending small commands soon
-        # has its whole pipeline.
-        self.unanswered = 0
-        self.reply_estimate = INITIAL_REPLY_ESTIMATE
-        self.reading_done = False
-        self.room = asyncio.Event()  # set by the writer when it frees pipeline space
-        self.work = asyncio.Event()  # set by the reader when it adds to the pipeline
-
-    def push(self, message: dict[str, Any]) -> None:
-        """Queue a message the client did not ask for (an event), after the replies already
-        queued; it counts in the connection's byte budget like a reply."""
-        if not self.closed:
-            data = encode(message)
-            self.pending.append(data)
-            self.pending_bytes += len(data)
-            self.work.set()
-
-    @property
-    def backlogged(self) -> bool:
-        """The client is not reading what it was sent: push nothing more for now."""
-        return self.pending_bytes >= PIPELINE_BYTES
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            with contextlib.suppress(Exception):
-                self.writer.close()
-        self.room.set()
-        self.work.set()
-
-    def abort(self) -> None:
-        """Close now, dropping whatever the client did not read."""
-        self.close()
-        with contextlib.suppress(Exception):
-            self.writer.transport.abort()
-
-    def full(self) -> bool:
-        if not self.pending:
-            return False
-        expected = self.pending_bytes + self.unanswered * self.reply_estimate
-        return len(self.pending) >= self.max_pipeline or expected >= PIPELINE_BYTES
-
-
-def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
-    sock = writer.get_extra_info("socket")
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", creds)
-        return pid, uid, gid
-    except (OSError, AttributeError):
-        return -1, -1, -1
-
-
-def raise_fd_limit(wanted: int) -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE towards the hard limit so ``wanted`` descriptors fit.
-
-    systemd and most shells start services with a soft limit of 1024, below what
-    ``max_connections`` (default 1024) plus the daemon's own files needs. Returns (soft, hard).
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        new = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
-        if new > soft:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            except (ValueError, OSError) as exc:
-                log.warning(
-                    "cannot raise the file descriptor limit",
-                    action="fd_limit",
-                    soft=soft,
-                    hard=hard,
-                    wanted=wanted,
-                    error=str(exc),
-                )
-                return soft, hard
-            log.info(
-                "raised the file descriptor limit",
-                action="fd_limit_raised",
-                old=soft,
-                soft=new,
-                hard=hard,
-            )
-            soft = new
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        log.warning(
-            "the file descriptor limit is below what max_connections needs",
-            action="fd_limit_low",
-            soft=soft,
-            hard=hard,
-            wanted=wanted,
-        )
-    return soft, hard
-
-
-def encode_reply(reply: dict[str, Any]) -> bytes:
-    """The reply's line; an internal error (same id if possible) when it cannot be encoded."""
-    try:
-        return encode(reply)
-    except (ValueError, TypeError) as exc:  # UnicodeEncodeError: a lone surrogate from "\ud800"
-        log.warning("a reply could not be encoded", action="reply_unencodable", error=str(exc))
-        err = ProtocolError(
-            "internal",
-            "the reply could not be encoded as UTF-8 JSON (does the request hold a lone "
-            "surrogate escape such as \\ud800?)",
-        )
-        try:
-            return encode(error_reply(reply.get("id"), err))
-        except (ValueError, TypeError):
-            return encode(error_reply(None, err))
 
 
 class SocketServer:
@@ -247,7 +102,7 @@ class SocketServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, self._mode)
-        self._identity = _identity(self.path)
+        self._identity = file_identity(self.path)
         self._owns_path = True
 
     async def _watch_path(self) -> None:
@@ -255,7 +110,7 @@ class SocketServer:
         its place), listen again at the same path, so that clients can reach the daemon."""
         while self._owns_path:
             await asyncio.sleep(SOCKET_CHECK)
-            if not self._owns_path or _identity(self.path) == self._identity:
+            if not self._owns_path or file_identity(self.path) == self._identity:
                 continue
             log.error(
                 "the socket file disappeared; listening on a new one",
@@ -289,7 +144,7 @@ class SocketServer:
             self._server.close()
         if self._owns_path:
             self._owns_path = False
-            if _identity(self.path) == self._identity:  # never remove another's socket
+            if file_identity(self.path) == self._identity:  # never remove another's socket
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
 
@@ -490,27 +345,3 @@ class SocketServer:
         finally:
             # The client is gone or done: stop its reader too (it may wait for room).
             conn.close()
-
-
-def claim_socket_path(path: str) -> None:
-    """Remove a stale socket left by a crashed daemon; refuse to steal a live one."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st = p.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        p.unlink(missing_ok=True)  # stale: nobody listens
-        return
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    raise RuntimeError(f"another daemon is listening on {path}; refusing to take its socket")

@@ -3,6 +3,7 @@
 
 - :mod:`.timers`: the timers table (commands, the fire pass's claim, the job store's next due);
 - :mod:`.deliveries`: events and deliveries (fire records, refills, acks, purge, figures);
+- :mod:`.operators`: what operators see and do (figures, listings, redelivery, replay);
 - :mod:`.subscriptions`: subscriptions and the daemons sharing the database;
 - :mod:`.command_acts`: first replies of ``commandActId``s (safe retries).
 """
@@ -28,19 +29,10 @@ from program_timer.store.queries.deliveries import (
     allocate_event_ids as allocate_event_ids,
 )
 from program_timer.store.queries.deliveries import (
-    delivery_counts as delivery_counts,
-)
-from program_timer.store.queries.deliveries import (
-    delivery_figures as delivery_figures,
-)
-from program_timer.store.queries.deliveries import (
     due_deliveries as due_deliveries,
 )
 from program_timer.store.queries.deliveries import (
     expire_pending as expire_pending,
-)
-from program_timer.store.queries.deliveries import (
-    inflight_count as inflight_count,
 )
 from program_timer.store.queries.deliveries import (
     insert_deliveries as insert_deliveries,
@@ -49,31 +41,43 @@ from program_timer.store.queries.deliveries import (
     insert_events as insert_events,
 )
 from program_timer.store.queries.deliveries import (
-    list_deliveries as list_deliveries,
-)
-from program_timer.store.queries.deliveries import (
     mark_dead as mark_dead,
 )
 from program_timer.store.queries.deliveries import (
     mark_sent as mark_sent,
 )
 from program_timer.store.queries.deliveries import (
-    pending_figures as pending_figures,
-)
-from program_timer.store.queries.deliveries import (
     purge_deliveries_and_events as purge_deliveries_and_events,
-)
-from program_timer.store.queries.deliveries import (
-    redeliver as redeliver,
 )
 from program_timer.store.queries.deliveries import (
     release_unacked as release_unacked,
 )
 from program_timer.store.queries.deliveries import (
-    replay_events as replay_events,
+    resend_delay as resend_delay,
 )
 from program_timer.store.queries.deliveries import (
-    resend_delay as resend_delay,
+    subscription_ids as subscription_ids,
+)
+from program_timer.store.queries.operators import (
+    delivery_counts as delivery_counts,
+)
+from program_timer.store.queries.operators import (
+    delivery_figures as delivery_figures,
+)
+from program_timer.store.queries.operators import (
+    inflight_count as inflight_count,
+)
+from program_timer.store.queries.operators import (
+    list_deliveries as list_deliveries,
+)
+from program_timer.store.queries.operators import (
+    pending_figures as pending_figures,
+)
+from program_timer.store.queries.operators import (
+    redeliver as redeliver,
+)
+from program_timer.store.queries.operators import (
+    replay_events as replay_events,
 )
 from program_timer.store.queries.subscriptions import (
     all_subscriptions as all_subscriptions,

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, delete, insert, select, update
 
-from program_timer.store.queries.deliveries import delivery_counts, inflight_count
+from program_timer.store.queries.operators import delivery_counts, inflight_count
 from program_timer.store.schema import daemons, deliveries, subscriptions
 
 
