@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -345,37 +346,7 @@ class Dispatcher:
         now = self._now()
         generations = {sid: self.direct.generation(sid) for sid in wanted}
         spent = self._max_attempts
-
-        def fetch(conn: Connection) -> tuple[dict[str, list[Any]], set[str], dict[str, int], int]:
-            found: dict[str, list[Any]] = {}
-            fetched: dict[str, int] = {}
-            dead: list[int] = []
-            # A subscriber that re-attached through another daemon is that daemon's now.
-            moved = queries.attached_elsewhere(conn, list(wanted), self._daemon_id)
-            for sid, capacity in wanted.items():
-                if sid in moved:
-                    continue
-                rows = queries.due_deliveries(conn, sid, now, capacity)
-                fetched[sid] = len(rows)
-                if spent is not None:
-                    # Sent max_attempts times and its last wait passed unacked: a dead letter.
-                    dead.extend(r.id for r in rows if r.attempt >= spent)
-                    rows = [r for r in rows if r.attempt < spent]
-                if rows:
-                    found[sid] = rows
-            killed = queries.mark_dead(conn, dead, now) if dead else 0
-            # Persisted before the push (the push happens after the commit): the attempt
-            # counts up even if the daemon dies right after sending. Each is due again after
-            # its resend wait (the ack timeout, doubled per send up to retry_max_delay).
-            queries.mark_sent(
-                conn,
-                [(r.id, r.attempt) for rows in found.values() for r in rows],
-                now,
-                ack_timeout=self._ack_timeout,
-                retry_max_delay=self._retry_max_delay,
-            )
-            return found, moved, fetched, killed
-
+        fetch = functools.partial(self._fetch, wanted=wanted, now=now)
         # Not durable: a send mark lost in a database crash only means the delivery is sent
         # again (sooner than its resend wait), with the attempt number it had.
         found, moved, fetched, killed = await self._db(fetch, durable=False)
@@ -413,6 +384,42 @@ class Dispatcher:
                     arguments=r.arguments,
                 )
                 self._send(attachment, r.id, r.attempt + 1, event, mono)
+
+    def _fetch(
+        self, conn: Connection, *, wanted: dict[str, int], now: datetime
+    ) -> tuple[dict[str, list[Any]], set[str], dict[str, int], int]:
+        """The refill's database work (store worker): the sendable deliveries of each wanted
+        subscription, dead letters marked, the rest marked sent; also which subscriptions
+        moved to another daemon and how many rows each had."""
+        spent = self._max_attempts
+        found: dict[str, list[Any]] = {}
+        fetched: dict[str, int] = {}
+        dead: list[int] = []
+        # A subscriber that re-attached through another daemon is that daemon's now.
+        moved = queries.attached_elsewhere(conn, list(wanted), self._daemon_id)
+        for sid, capacity in wanted.items():
+            if sid in moved:
+                continue
+            rows = queries.due_deliveries(conn, sid, now, capacity)
+            fetched[sid] = len(rows)
+            if spent is not None:
+                # Sent max_attempts times and its last wait passed unacked: a dead letter.
+                dead.extend(r.id for r in rows if r.attempt >= spent)
+                rows = [r for r in rows if r.attempt < spent]
+            if rows:
+                found[sid] = rows
+        killed = queries.mark_dead(conn, dead, now) if dead else 0
+        # Persisted before the push (the push happens after the commit): the attempt
+        # counts up even if the daemon dies right after sending. Each is due again after
+        # its resend wait (the ack timeout, doubled per send up to retry_max_delay).
+        queries.mark_sent(
+            conn,
+            [(r.id, r.attempt) for rows in found.values() for r in rows],
+            now,
+            ack_timeout=self._ack_timeout,
+            retry_max_delay=self._retry_max_delay,
+        )
+        return found, moved, fetched, killed
 
     def _send(
         self,

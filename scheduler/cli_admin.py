@@ -184,6 +184,8 @@ def events(
     the command with the daemon's message. Without --subscription, the subscription is a new
     one, removed when the command ends.
     """
+    # Whole on purpose: the signal handlers it installs, the loop, and the clean-up of its
+    # throwaway subscription (which those handlers must reach) belong in one reading.
     import signal
 
     from program_timer.events.client import describe

@@ -113,6 +113,26 @@ class Daemon:
         )
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Every component in order; each registers its clean-up on ``stack`` as it starts."""
+        await self._open_store(stack)
+        self._start_workers(stack)
+        await self._start_delivery(stack)
+        self._start_firing(stack)
+        await self._start_socket(stack)
+        self._start_observers(stack)
+        systemd.notify(f"READY=1\nSTATUS=serving on {self.settings.socket}\nMAINPID={os.getpid()}")
+        log.info(
+            "ready",
+            action="ready",
+            version=__version__,
+            database=self.kind,
+            database_url=self.url.render_as_string(hide_password=True),
+            socket=self.settings.socket,
+            daemon=self.daemon_id,
+        )
+
+    async def _open_store(self, stack: contextlib.AsyncExitStack) -> None:
+        """The SQLite lock, the engine, the schema, and this daemon's registration."""
         settings = self.settings
         path = sqlite.path_of(self.url)
         if path is not None:
@@ -130,23 +150,23 @@ class Daemon:
         if path is not None:
             # From now on the file must stay the one just opened (and migrated).
             sqlite.DatabaseFile(path).watch(self.engine)
+        self._maintenance = Maintenance(self.engine, self.clock, self.daemon_id, settings.retention)
+        await asyncio.to_thread(self._maintenance.register)
+        stack.push_async_callback(asyncio.to_thread, self._maintenance.unregister)
 
-        maintenance = self._maintenance = Maintenance(
-            self.engine, self.clock, self.daemon_id, settings.retention
-        )
-        await asyncio.to_thread(maintenance.register)
-        stack.push_async_callback(asyncio.to_thread, maintenance.unregister)
-
+    def _start_workers(self, stack: contextlib.AsyncExitStack) -> None:
         self.worker = StoreWorker(
             self.engine,
             self.command_settings,
             self.clock,
-            max_batch=settings.command_batch_size,
+            max_batch=self.settings.command_batch_size,
             on_committed=self._commands_committed,
         )
         self.worker.start()
         stack.callback(self.worker.stop)
 
+    async def _start_delivery(self, stack: contextlib.AsyncExitStack) -> None:
+        settings = self.settings
         self.dispatcher = Dispatcher(
             self.worker,
             self.daemon_id,
@@ -163,9 +183,12 @@ class Daemon:
             # Fire batches send to subscribers themselves only while no other daemon shares
             # the database (events/direct.py says why); the heartbeat keeps this up to date.
             self.dispatcher.direct.enabled = False
-            maintenance.on_alone = self._set_alone
-            await asyncio.to_thread(maintenance.heartbeat)
+            self._maintenance.on_alone = self._set_alone
+            await asyncio.to_thread(self._maintenance.heartbeat)
 
+    def _start_firing(self, stack: contextlib.AsyncExitStack) -> None:
+        """The fire loop under APScheduler; on PostgreSQL, the LISTEN thread."""
+        settings = self.settings
         self.fire_loop = FireLoop(
             self.engine,
             self.clock,
@@ -177,9 +200,8 @@ class Daemon:
             direct=self.dispatcher.direct,
             ack_timeout=settings.ack_timeout,
         )
-        self._start_scheduler(maintenance)
+        self._start_scheduler(self._maintenance)
         stack.push_async_callback(self._stop_scheduler)
-
         if self.kind == "postgresql":
             # Several daemons may share the database: wake on each other's changes.
             listener = Listener(
@@ -190,6 +212,8 @@ class Daemon:
             listener.start()
             stack.callback(listener.stop)
 
+    async def _start_socket(self, stack: contextlib.AsyncExitStack) -> None:
+        settings = self.settings
         self.server = SocketServer(
             self._handler().handle,
             path=settings.socket,
@@ -207,27 +231,18 @@ class Daemon:
         # The first thing a stop does: no new fire batch starts (the one in hand finishes).
         stack.callback(self.fire_loop.stop)
 
-        if settings.metrics_endpoint is not None:  # Prometheus /metrics (SPEC 7.3)
+    def _start_observers(self, stack: contextlib.AsyncExitStack) -> None:
+        """Prometheus' /metrics (SPEC 7.3) when asked for, and systemd's watchdog."""
+        if self.settings.metrics_endpoint is not None:
             from program_timer.scheduler.prometheus import MetricsExporter, registry_for
 
-            exporter = MetricsExporter(settings.metrics_endpoint, registry_for(self.requests))
+            exporter = MetricsExporter(self.settings.metrics_endpoint, registry_for(self.requests))
             exporter.start()
             stack.callback(exporter.stop)
-
         interval = systemd.watchdog_interval()
         if interval:
             watchdog = asyncio.create_task(_watchdog(interval), name="watchdog")
             stack.callback(watchdog.cancel)
-        systemd.notify(f"READY=1\nSTATUS=serving on {settings.socket}\nMAINPID={os.getpid()}")
-        log.info(
-            "ready",
-            action="ready",
-            version=__version__,
-            database=self.kind,
-            database_url=self.url.render_as_string(hide_password=True),
-            socket=settings.socket,
-            daemon=self.daemon_id,
-        )
 
     def _handler(self) -> RequestHandler:
         self.requests = RequestHandler(
