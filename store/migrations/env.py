@@ -1,4 +1,5 @@
-"""Alembic environment: runs on the connection that :func:`program_timer.store.db.upgrade` hands it."""
+"""Alembic environment: runs on the connection that
+:func:`program_timer.store.db.upgrade` hands it."""
 
 from __future__ import annotations
 
