@@ -230,6 +230,7 @@ class Daemon:
         stack.push_async_callback(self.server.stop)
         # The first thing a stop does: no new fire batch starts (the one in hand finishes).
         stack.callback(self.fire_loop.stop)
+        stack.callback(self.jobstore.close)
 
     def _start_observers(self, stack: contextlib.AsyncExitStack) -> None:
         """Prometheus' /metrics (SPEC 7.3) when asked for, and systemd's watchdog."""

@@ -56,6 +56,7 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         self._poll = timedelta(seconds=poll_interval)
         self._now = now
         self._busy = threading.Event()
+        self._closing = threading.Event()  # the daemon stops: no fire job is handed out
         self._planned: datetime | None = None  # the wake-up last given to the scheduler
         self._changes = 0  # commands seen by wake_if_before (guards a plan read meanwhile)
         self._lock = threading.Lock()
@@ -70,6 +71,11 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
             EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES,
         )
 
+    def close(self) -> None:
+        """Hand out no more fire jobs (the daemon is stopping; the scheduler shuts down next:
+        a job handed to its executor meanwhile would be refused, with an error logged)."""
+        self._closing.set()
+
     def shutdown(self) -> None:
         scheduler = getattr(self, "_scheduler", None)
         if scheduler is not None:
@@ -83,7 +89,7 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         the database may add timers without telling us). Never raises: when the database is
         unreachable, the answer is "retry soon"."""
         now = self._now()
-        if self._busy.is_set():
+        if self._busy.is_set() or self._closing.is_set():
             return None
         seen = self._changes
         try:
@@ -118,7 +124,7 @@ class TimerJobStore(BaseJobStore):  # type: ignore[misc]
         nothing, and :meth:`get_next_run_time` (asked right after) says "retry soon". (Raising
         would make the scheduler log a warning at every retry, once a second for the whole
         outage; the outage is logged once, through :func:`program_timer.store.db.health`.)"""
-        if self._busy.is_set():
+        if self._busy.is_set() or self._closing.is_set():
             return []
         try:
             due = self._next_due()
