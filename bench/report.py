@@ -109,6 +109,20 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 check(ours, lambda v, g=goal: v >= g),
             )
         )
+        cal = [val("calendar", rule, "durable_per_s") for rule in ("rrule", "cron")]
+        vs = f"{_ratio(cal[0], ours)} / {_ratio(cal[1], ours)}"
+        rows.append(
+            Row(
+                f"calendar burst {_num(val('calendar', 'n'))}: rrule / cron fired/s (vs burst); "
+                f"repeating interval {_num(val('calendar', 'interval', 'durable_per_s'))}/s",
+                kind,
+                f"{_num(cal[0])} / {_num(cal[1])} ({vs})",
+                goal="≥ 0.5x burst",
+                ok=check(
+                    val("calendar", "durable_per_s"), lambda v, b=ours: bool(b) and v >= b / 2
+                ),
+            )
+        )
         rows.append(
             Row(
                 f"burst {_num(val('burst_delivered', 'n'))}, 1 subscriber "

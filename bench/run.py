@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import ceiling, multi, ours, stock_apscheduler
+from bench import calendar_burst, ceiling, multi, ours, stock_apscheduler
 from bench.common import DEFAULT_PG_ADMIN, Database, log, stop_all_daemons
 from bench.report import format_table
 
@@ -63,6 +63,7 @@ SIZES = {
 SCENARIOS = (
     "ceiling",
     "burst",
+    "calendar",
     "burst_delivered",
     "steady",
     "commands",
@@ -129,6 +130,13 @@ def run_database(
                 "burst",
                 lambda: ours.run_burst(
                     db, workdir, sizes.burst, label="burst", profile=prof("burst")
+                ),
+            )
+        if "calendar" in scenarios:
+            step(
+                "calendar",
+                lambda: calendar_burst.run_calendar_burst(
+                    db, workdir, sizes.burst, label="calendar"
                 ),
             )
         if "burst_delivered" in scenarios:

@@ -19,8 +19,8 @@ def event_arguments(
 ) -> dict[str, str]:
     """The event's ``arguments``: the timer's extra arguments, then the ones the event sets.
 
-    All values are strings, as on the platform. ``interval`` is present only when the timer
-    has one.
+    All values are strings, as on the platform. ``interval``, ``rrule`` and ``cron`` are
+    present only when the timer has one.
     """
     args = dict(timer.arguments)
     args["personaId"] = timer.persona_id
@@ -33,6 +33,10 @@ def event_arguments(
     interval = format_interval(timer.interval)
     if interval is not None:
         args["interval"] = interval
+    if timer.rrule is not None:
+        args["rrule"] = timer.rrule
+    if timer.cron is not None:
+        args["cron"] = timer.cron
     return args
 
 

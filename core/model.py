@@ -27,6 +27,8 @@ EVENT_ARGUMENT_KEYS: Final = frozenset(
         "missedCount",
         "repeatable",
         "interval",
+        "rrule",
+        "cron",
     }
 )
 
@@ -79,10 +81,14 @@ class SetCommand:
     fire_at: datetime | None = None
     timezone: str | None = None
     interval: float | None = None
+    rrule: str | None = None
+    cron: str | None = None
     repeatable: bool = False
     enabled: bool = True
     extra: dict[str, str] | None = None
     given: frozenset[str] = field(default_factory=frozenset)
+    # Warnings found while reading the arguments (an extra argument named like a rule one).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,11 @@ next fire whether or not it is enabled). ``due_at`` is ``planned_at`` when the t
 and scheduled, else ``None``; only ``due_at`` is indexed and scanned for due timers. A repeating
 timer fires on the grid ``anchor_at + k * interval``: ``k >= 0`` when ``fireAt`` was given (the
 anchor is ``fireAt``), ``k >= 1`` for an interval-only timer (the anchor is the command's time).
+
+A calendar timer (SPEC 7.5: ``rrule`` or ``cron`` instead of ``interval``, always repeating) fires
+on its rule's occurrences instead, read in its ``timezone``; its ``anchor_at`` is the first
+moment the rule may match (``fireAt``, else the command's time). The calendar arithmetic is in
+:mod:`program_timer.core.calendar`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Final
 
+from program_timer.core.calendar import Calendar, calendar
 from program_timer.core.clock import utc_iso
 from program_timer.core.model import (
     DISABLED,
@@ -27,6 +34,24 @@ from program_timer.core.model import (
     SetCommand,
     Timer,
 )
+
+# Giving one of these restarts the schedule from the command.
+RESTARTS: Final = frozenset({"fireAt", "interval", "repeatable", "rrule", "cron"})
+RULES: Final = frozenset({"rrule", "cron"})
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+def timer_calendar(timer: Timer) -> Calendar | None:
+    """The calendar a timer follows (its rule in its zone; UTC if it has none), or None.
+
+    :raises RuleError: the stored rule's text is refused.
+    """
+    zone = timer.timezone or "UTC"
+    if timer.rrule is not None:
+        return calendar("rrule", timer.rrule, zone)
+    if timer.cron is not None:
+        return calendar("cron", timer.cron, zone)
+    return None
 
 
 def _seconds(delta: timedelta) -> float:
@@ -89,21 +114,22 @@ def apply_set(
     """The timer that ``cmd`` leaves behind, and the reply's warnings.
 
     Upsert: the arguments given replace the stored ones, the others keep their stored value;
-    defaults apply only on creation. Giving ``fireAt``, ``interval`` or ``repeatable``
-    restarts the schedule from ``now``; ``enabled`` alone keeps it.
+    defaults apply only on creation. Giving ``fireAt``, ``interval``, ``repeatable``, ``rrule``
+    or ``cron`` restarts the schedule from ``now``; ``enabled`` alone keeps it. A timer follows
+    one of ``interval``, ``rrule`` and ``cron``: giving one clears the others.
 
     :raises RuleError: the command is refused; ``existing`` is untouched.
     """
-    warnings: list[str] = []
+    warnings: list[str] = list(cmd.warnings)
     if existing is None:
         timer, was_enabled, completed = _new_timer(cmd, now), True, False
     else:
         timer = replace(existing, arguments=dict(existing.arguments))
         was_enabled, completed = existing.enabled, existing.state == FIRED
     _take_arguments(timer, cmd, now)
-    _check_repeat(timer, limits)
+    _check_repeat(timer, cmd, limits)
 
-    if existing is None or cmd.given & {"fireAt", "interval", "repeatable"}:
+    if existing is None or cmd.given & RESTARTS:
         completed = False
         _plan(timer, now, warnings)
     elif (
@@ -114,12 +140,20 @@ def apply_set(
         and timer.planned_at < now
     ):
         # Re-enabled: continue on the grid; occurrences skipped while disabled are not fired.
-        timer.planned_at = next_grid_time(timer, now)
+        cal = timer_calendar(timer)
+        if cal is None:
+            timer.planned_at = next_grid_time(timer, now)
+        else:
+            assert timer.anchor_at is not None
+            timer.planned_at = cal.at_or_after(timer.anchor_at, now)
+            completed = timer.planned_at is None  # its COUNT or UNTIL ended while disabled
 
     timer.state = derive_state(timer, completed)
     timer.due_at = timer.planned_at if timer.state == SCHEDULED else None
     if timer.state == UNSCHEDULED:
-        warnings.append("the timer has neither fireAt nor interval: it is kept but never fires")
+        warnings.append(
+            "the timer has neither fireAt, interval, rrule nor cron: it is kept but never fires"
+        )
     return timer, warnings
 
 
@@ -150,13 +184,38 @@ def _new_timer(cmd: SetCommand, now: datetime) -> Timer:
 
 
 def _take_arguments(timer: Timer, cmd: SetCommand, now: datetime) -> None:
-    """The arguments the command gave replace the stored ones (upsert)."""
+    """The arguments the command gave replace the stored ones (upsert).
+
+    A timer follows one of ``interval``, ``rrule`` and ``cron``: giving one clears the others,
+    giving two is refused. The zone of a calendar is the ``timezone`` of the command that gave
+    its rule (the parser puts the default zone there when none was given); a later ``fireAt``
+    with a ``timezone`` moves it, one without keeps it.
+    """
     given = cmd.given
+    if given >= RULES:
+        raise RuleError(
+            "cron", "rrule and cron cannot both be given: a timer follows one calendar rule"
+        )
+    if "interval" in given and given & RULES:
+        rule = "rrule" if "rrule" in given else "cron"
+        raise RuleError(
+            "interval",
+            f"interval and {rule} cannot both be given: a repeating timer follows either an "
+            "interval or a calendar rule",
+        )
     if "fireAt" in given:
         timer.fire_at = cmd.fire_at
-        timer.timezone = cmd.timezone
+        if cmd.timezone is not None or (timer.rrule is None and timer.cron is None):
+            timer.timezone = cmd.timezone
     if "interval" in given:
         timer.interval = cmd.interval
+        timer.rrule = timer.cron = None
+    if "rrule" in given:
+        timer.rrule, timer.cron, timer.interval = cmd.rrule, None, None
+    if "cron" in given:
+        timer.cron, timer.rrule, timer.interval = cmd.cron, None, None
+    if given & RULES:
+        timer.timezone = cmd.timezone
     if "repeatable" in given:
         timer.repeatable = cmd.repeatable
     if "enabled" in given:
@@ -168,11 +227,25 @@ def _take_arguments(timer: Timer, cmd: SetCommand, now: datetime) -> None:
     timer.updated_at = now
 
 
-def _check_repeat(timer: Timer, limits: Limits) -> None:
+def _check_repeat(timer: Timer, cmd: SetCommand, limits: Limits) -> None:
+    rule = "rrule" if timer.rrule is not None else "cron" if timer.cron is not None else None
     if not timer.repeatable:
+        if rule is not None and rule in cmd.given:
+            raise RuleError(
+                rule,
+                f'{rule} needs a repeating timer: use set_repeatable_timer or repeatable="true"',
+            )
+        if rule is not None:
+            raise RuleError(
+                "repeatable",
+                f"the timer follows its {rule}, which repeats: give interval (which replaces "
+                'the rule) with repeatable="false" to make it a one-shot',
+            )
+        return
+    if rule is not None:
         return
     if timer.interval is None:
-        raise RuleError("interval", 'interval is required when repeatable is "true"')
+        raise RuleError("interval", 'interval, rrule or cron is required when repeatable is "true"')
     if timer.interval < limits.min_interval:
         raise RuleError(
             "interval",
@@ -184,6 +257,15 @@ def _check_repeat(timer: Timer, limits: Limits) -> None:
 def _plan(timer: Timer, now: datetime, warnings: list[str]) -> None:
     """Restart the schedule from ``now`` (the command's time)."""
     fire_at, interval = timer.fire_at, timer.interval
+    cal = timer_calendar(timer)
+    if cal is not None:  # repeating (checked): from fireAt, else from the command
+        timer.anchor_at = fire_at if fire_at is not None else now
+        timer.planned_at = cal.first(timer.anchor_at, now)
+        if fire_at is not None and fire_at < now:
+            warnings.append(
+                f"fireAt is in the past: the timer fires next at {utc_iso(timer.planned_at)}"
+            )
+        return
     if fire_at is None and interval is None:
         timer.anchor_at = timer.planned_at = None
         return
@@ -239,6 +321,8 @@ def fire(timer: Timer, now: datetime, misfire_grace: float | None) -> FireOutcom
     assert timer.due_at is not None
     due = timer.due_at
     grace = None if misfire_grace is None else timedelta(seconds=misfire_grace)
+    if timer.repeatable and (timer.rrule is not None or timer.cron is not None):
+        return _fire_calendar(timer, now, grace)
     if not timer.repeatable or timer.interval is None or timer.anchor_at is None:
         if grace is not None and now - due > grace:
             return FireOutcome(
@@ -279,4 +363,49 @@ def fire(timer: Timer, now: datetime, misfire_grace: float | None) -> FireOutcom
         next_at,
         next_at,
         SCHEDULED,
+    )
+
+
+def _fire_calendar(timer: Timer, now: datetime, grace: timedelta | None) -> FireOutcome:
+    """:func:`fire` for a calendar timer: the same catch-up and grace, on the rule's
+    occurrences; when none is left (``COUNT``, ``UNTIL``) the timer is ``fired``."""
+    assert timer.due_at is not None
+    due, anchor = timer.due_at, timer.anchor_at or timer.due_at
+    try:
+        cal = timer_calendar(timer)
+    except RuleError:
+        cal = None
+    if cal is None:  # a stored rule this version refuses: end the timer rather than fail
+        return FireOutcome(
+            False, due, 0, 0, timer.fire_count, timer.last_fired_at, None, None, FIRED
+        )
+    first, dropped = due, 0
+    if grace is not None and now - due > grace:
+        first_allowed = cal.at_or_after(anchor, now - grace)
+        if first_allowed is None or first_allowed > now:
+            missed, next_at = cal.scan(anchor, due, now)
+            return FireOutcome(
+                False,
+                due,
+                0,
+                1 + missed,
+                timer.fire_count,
+                timer.last_fired_at,
+                next_at,
+                next_at if timer.enabled else None,
+                SCHEDULED if next_at is not None else FIRED,
+            )
+        first = first_allowed
+        dropped = 1 + cal.count(anchor, due, first - _MICROSECOND)
+    missed, next_at = cal.scan(anchor, first, now)
+    return FireOutcome(
+        True,
+        first,
+        missed,
+        dropped,
+        timer.fire_count + 1,
+        now,
+        next_at,
+        next_at,
+        SCHEDULED if next_at is not None else FIRED,
     )

@@ -15,7 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict
 
-from program_timer.core.model import EVENT_ARGUMENT_KEYS, SetCommand, format_interval
+from program_timer.core import calendar
+from program_timer.core.model import EVENT_ARGUMENT_KEYS, RuleError, SetCommand, format_interval
 from program_timer.scheduler.protocol import ProtocolError
 
 _FIRE_AT = re.compile(
@@ -107,8 +108,49 @@ def parse_fire_at(value: str, tz: ZoneInfo) -> datetime:
 
 
 RULE_ARGUMENTS: Final = frozenset(
-    {"personaId", "timerName", "fireAt", "interval", "repeatable", "enabled", "timezone"}
+    {
+        "personaId",
+        "timerName",
+        "fireAt",
+        "interval",
+        "repeatable",
+        "enabled",
+        "timezone",
+        "rrule",
+        "cron",
+    }
 )
+
+
+def _folded(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+# An extra argument named like a rule argument but for case, "_" or "-" (SPEC 7.5): kept, warned.
+_LOOK_ALIKES: Final = {_folded(name): name for name in RULE_ARGUMENTS}
+
+
+def look_alike_warning(key: str) -> str | None:
+    """The warning for an extra argument named like a rule argument (``Interval``,
+    ``fire_at``, ``time_zone``), or None."""
+    meant = _LOOK_ALIKES.get(_folded(key))
+    if meant is None or meant == key:
+        return None
+    return f'"{key}" is kept as an extra argument: did you mean "{meant}"?'
+
+
+def parse_rule(key: str, value: str) -> str:
+    """An ``rrule`` or ``cron`` argument, checked (syntax, length, a cron line that never
+    matches); the text is kept as given. Whether an RRULE ever matches depends on its start and
+    zone: the timer rules check it."""
+    try:
+        if key == "rrule":
+            calendar.parse_rrule(value)
+        else:
+            calendar.parse_cron(value)
+    except RuleError as err:
+        raise ProtocolError("invalid_argument", err.message, key) from None
+    return value
 
 
 class ArgumentLimits(BaseModel):
@@ -200,13 +242,34 @@ def parse_set_command(
     if "interval" in args:
         interval = parse_interval(args["interval"])
         given.add("interval")
+    rules: dict[str, str] = {}
+    for key in ("rrule", "cron"):
+        if key in args:
+            rules[key] = parse_rule(key, args[key])
+            given.add(key)
+    if "rrule" in rules and "cron" in rules:
+        raise ProtocolError(
+            "invalid_argument",
+            "cron: rrule and cron cannot both be given; a timer follows one calendar rule",
+            "cron",
+        )
+    if rules and interval is not None:
+        raise ProtocolError(
+            "invalid_argument",
+            f"interval: interval and {next(iter(rules))} cannot both be given; a repeating "
+            "timer follows either an interval or a calendar rule",
+            "interval",
+        )
     tz_name = args.get("timezone")
     tz = parse_timezone(tz_name) if tz_name is not None else ZoneInfo(limits.default_timezone)
+    if rules and tz_name is None:
+        tz_name = limits.default_timezone  # a calendar keeps the zone it was given in
     fire_at = None
     if "fireAt" in args:
         fire_at = parse_fire_at(args["fireAt"], tz)
         given.add("fireAt")
     extra = {k: v for k, v in args.items() if k not in RULE_ARGUMENTS}
+    warnings = []
     for key in extra:
         if key in EVENT_ARGUMENT_KEYS:
             raise ProtocolError(
@@ -214,6 +277,9 @@ def parse_set_command(
                 f"{key}: the fired event sets this argument itself; choose another name",
                 key,
             )
+        warning = look_alike_warning(key)
+        if warning is not None:
+            warnings.append(warning)
     return SetCommand(
         persona_id=persona_id,
         timer_name=timer_name,
@@ -222,8 +288,11 @@ def parse_set_command(
         fire_at=fire_at,
         timezone=tz_name,
         interval=interval,
+        rrule=rules.get("rrule"),
+        cron=rules.get("cron"),
         repeatable=repeatable,
         enabled=enabled,
         extra=extra or None,
         given=frozenset(given),
+        warnings=tuple(warnings),
     )

@@ -314,6 +314,8 @@ def timer_to_wire(timer: Timer) -> dict[str, Any]:
         "connectorIdn": timer.connector_idn,
         "fireAt": utc_iso(timer.fire_at),
         "interval": format_interval(timer.interval),
+        "rrule": timer.rrule,
+        "cron": timer.cron,
         "repeatable": timer.repeatable,
         "enabled": timer.enabled,
         "state": timer.state,

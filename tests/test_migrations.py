@@ -1,0 +1,86 @@
+"""Schema migrations: a database at an earlier revision is upgraded in place, its rows kept
+(SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+
+from program_timer.store import queries
+from program_timer.store.db import MIGRATIONS, make_engine, upgrade
+from program_timer.store.schema import timers
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def _upgrade_to(engine: sa.Engine, revision: str) -> None:
+    """Alembic's own command on the daemon's migrations, stopped at ``revision``."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", MIGRATIONS)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        alembic_command.upgrade(cfg, revision)
+        conn.commit()
+
+
+def _empty(engine: sa.Engine) -> None:
+    """The PostgreSQL test databases are copies of a migrated template: start from nothing."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA public"))
+
+
+def test_timer_of_revision_0001_survives_the_upgrade(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        _empty(engine)
+        _upgrade_to(engine, "0001")
+        with engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("timers")}
+        assert "rrule" not in columns and "cron" not in columns
+        act = str(uuid.uuid4())
+        row = {
+            "persona_id": "u1",
+            "timer_name": "old",
+            "connector_idn": "my_timer",
+            "fire_at": T0,
+            "timezone": "Europe/Paris",
+            "interval_s": 240.0,
+            "repeatable": True,
+            "enabled": True,
+            "anchor_at": T0,
+            "planned_at": T0,
+            "due_at": T0,
+            "state": "scheduled",
+            "fire_count": 2,
+            "last_fired_at": T0,
+            "arguments": {"topic": "billing"},
+            "command_act_id": act,
+            "created_at": T0,
+            "updated_at": T0,
+        }
+        with engine.begin() as conn:  # only the columns revision 0001 has
+            conn.execute(sa.insert(timers).values(**row))
+
+        upgrade(engine)
+
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            columns = {c["name"] for c in inspector.get_columns("timers")}
+            assert {"rrule", "cron"} <= columns
+            assert "dead_at" in {c["name"] for c in inspector.get_columns("deliveries")}
+            assert "last_ack_at" in {c["name"] for c in inspector.get_columns("subscriptions")}
+            timer = queries.get_timer(conn, "u1", "old")
+        assert timer is not None
+        assert timer.rrule is None and timer.cron is None
+        for name, value in row.items():
+            field = "interval" if name == "interval_s" else name
+            assert getattr(timer, field) == value, name
+        upgrade(engine)  # at head already: nothing to do
+    finally:
+        engine.dispose()
