@@ -9,6 +9,8 @@ delays work by one poll interval at most and never loses it.
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 from collections.abc import Callable
 
@@ -40,14 +42,23 @@ class Listener:
         self._daemon_id = daemon_id
         self._handlers = handlers
         self._stop = threading.Event()
+        # stop() writes a byte here: the thread waits on the connection's socket and this pipe
+        # together, so it ends at once instead of at its next wait timeout.
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
+        os.write(self._wake_w, b"x")
         self._thread.join(5)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _run(self) -> None:
         delay = 0.5
@@ -66,12 +77,16 @@ class Listener:
                     for handler in self._handlers.values():
                         handler()
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=1.0):
+                        ready, _, _ = select.select([conn.fileno(), self._wake_r], [], [], 60.0)
+                        if self._wake_r in ready:
+                            break
+                        # Whatever has arrived (timeout 0: read what is there, never wait).
+                        for note in conn.notifies(timeout=0):
                             if note.payload != self._daemon_id:
                                 wake = self._handlers.get(note.channel)
                                 if wake is not None:
                                     wake()
             except psycopg.Error as exc:
                 log.debug("listener reconnecting", action="listener_retry", reason=str(exc))
-                self._stop.wait(delay)
+                select.select([self._wake_r], [], [], delay)
                 delay = min(10.0, delay * 2)
