@@ -90,6 +90,7 @@ class _Batch:
         self.now = now
         self.timers: dict[Key, Timer | None] = {}
         self.ids: dict[Key, int] = {}  # rows that exist in the database
+        self.states: dict[Key, str | None] = {}  # their states there (None: no row)
         self.dirty: set[Key] = set()
         self.counts: dict[str, int] = {}
         self.acts: dict[str, dict[str, Any]] = {}
@@ -102,6 +103,7 @@ class _Batch:
             for key in missing:
                 timer = loaded.get(key)
                 self.timers[key] = timer
+                self.states[key] = None if timer is None else timer.state
                 if timer is not None and timer.id is not None:
                     self.ids[key] = timer.id
         need = [p for p in personas if p not in self.counts]
@@ -112,8 +114,12 @@ class _Batch:
 
     def flush(self) -> None:
         inserts, updates, deletes = [], [], []
+        changes: dict[str, int] = {}  # the kept counts by state
         for key in self.dirty:
             timer = self.timers[key]
+            new_state = None if timer is None else timer.state
+            queries.count_change(changes, self.states.get(key), new_state)
+            self.states[key] = new_state
             row_id = self.ids.get(key)
             if timer is None:
                 if row_id is not None:
@@ -127,11 +133,13 @@ class _Batch:
         queries.delete_timer_ids(self.conn, deletes)
         queries.update_timers(self.conn, updates)
         queries.insert_timers(self.conn, inserts)
+        queries.add_timer_counts(self.conn, changes)
         if inserts:
             # New rows got ids; forget them so a later command in this batch re-reads them.
             for timer in inserts:
                 key = (timer.persona_id, timer.timer_name)
                 self.timers.pop(key, None)
+                self.states.pop(key, None)
         self.dirty.clear()
         queries.save_command_acts(self.conn, self.new_acts)
         self.new_acts.clear()
@@ -140,6 +148,7 @@ class _Batch:
         for key in [k for k in self.timers if k[0] == persona_id]:
             self.timers.pop(key)
             self.ids.pop(key, None)
+            self.states.pop(key, None)
         self.counts[persona_id] = 0
 
 
@@ -271,6 +280,7 @@ def _list_timers(batch: _Batch, act_id: str, args: dict[str, str]) -> Outcome:
     batch.flush()
     batch.timers.clear()
     batch.ids.clear()
+    batch.states.clear()
     found = queries.list_timers(batch.conn, persona_id, after, limit + 1)
     more = len(found) > limit
     found = found[:limit]

@@ -81,8 +81,10 @@ def fire_batch(
     completed: list[int] = []
     event_rows: list[dict[str, Any]] = []
     routes: list[list[str]] = []
+    changes: dict[str, int] = {}  # the kept counts by state
     for timer in due:
         outcome = rules.fire(timer, now, misfire_grace)
+        queries.count_change(changes, timer.state, outcome.state)
         if outcome.fired and outcome.state == FIRED and timer.id is not None:
             completed.append(timer.id)  # the common one-shot case: one UPDATE for all
         else:
@@ -103,6 +105,7 @@ def fire_batch(
         )
     queries.complete_one_shots(conn, completed, now)
     queries.update_fired(conn, timer_updates)
+    queries.add_timer_counts(conn, changes)
     if event_rows:
         _record_events(conn, event_rows, routes, now, direct, result)
         result.unrouted = sum(1 for subs in routes if not subs)

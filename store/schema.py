@@ -96,6 +96,19 @@ timers = Table(
     Index("ix_timers_state_last_fired", "state", "last_fired_at"),
 )
 
+# How many timers are in each state, kept in the transactions that change a timer's state (so
+# that `status` and the metrics read a few rows, not the timers table; migration 0004). A state's
+# count is the sum over its shards: each writing thread of a daemon adds to its own shard, so
+# concurrent transactions (another daemon's fire pass, this daemon's commands) rarely wait on
+# one another for the same row.
+timer_counts = Table(
+    "timer_counts",
+    metadata,
+    Column("state", String(16), primary_key=True),
+    Column("shard", Integer(), primary_key=True),
+    Column("n", BigInteger(), nullable=False),
+)
+
 events = Table(
     "events",
     metadata,

@@ -76,6 +76,7 @@ def test_timer_of_revision_0001_survives_the_upgrade(db_url: str) -> None:
             assert "dead_at" in {c["name"] for c in inspector.get_columns("deliveries")}
             assert "last_ack_at" in {c["name"] for c in inspector.get_columns("subscriptions")}
             timer = queries.get_timer(conn, "u1", "old")
+            assert queries.timer_counts(conn) == {"scheduled": 1}  # 0004 counted what was there
         assert timer is not None
         assert timer.rrule is None and timer.cron is None
         for name, value in row.items():

@@ -266,3 +266,64 @@ def test_purges(engine: Engine) -> None:
         assert queries.purge_command_acts(conn, clock.now()) == 0
     with engine.connect() as conn:
         assert [r.timer_name for r in conn.execute(select(timers.c.timer_name))] == ["keep"]
+
+
+def _counts(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
+    with engine.connect() as conn:
+        return queries.timer_counts(conn), queries.recount_timers(conn)
+
+
+def test_kept_counts_follow_every_state_change(engine: Engine) -> None:
+    """status reads the kept counts (timer_counts): after every kind of write they equal a
+    count of the timers table."""
+    clock = FakeClock(T0)
+
+    def check(expected: dict[str, int]) -> None:
+        kept, counted = _counts(engine)
+        assert kept == counted == expected
+
+    run(
+        engine,
+        clock,
+        req(personaId="p", timerName="once", interval="1"),
+        req("set_repeatable_timer", personaId="p", timerName="rep", interval="1"),
+        req(personaId="p", timerName="off", interval="5", enabled="false"),
+        req(personaId="p", timerName="none"),  # neither fireAt nor interval: unscheduled
+        req(personaId="q", timerName="gone", interval="100"),
+    )
+    check({"scheduled": 3, "disabled": 1, "unscheduled": 1})
+    # several changes to one timer in one batch count once, from its stored state
+    run(
+        engine,
+        clock,
+        req(personaId="q", timerName="gone", enabled="false"),
+        req(personaId="q", timerName="gone", enabled="true"),
+        req(personaId="q", timerName="gone", enabled="false"),
+        req(personaId="p", timerName="none", interval="100"),
+        req(personaId="p", timerName="fresh", interval="100"),
+        req("delete_timer", personaId="p", timerName="fresh"),
+    )
+    check({"scheduled": 3, "disabled": 2})
+    clock.advance(1.5)
+    assert fire(engine, clock).fired == 2  # the one-shot completes, the repeating one moves on
+    check({"scheduled": 2, "disabled": 2, "fired": 1})
+    run(
+        engine,
+        clock,
+        req(personaId="p", timerName="once", interval="1"),  # a fired timer set again
+        req("delete_timer", personaId="p", timerName="off"),
+        req("list_timers", personaId="p"),  # a flush in the middle of the batch
+        req(personaId="p", timerName="off", interval="3"),
+        req("delete_timers", personaId="q"),
+    )
+    check({"scheduled": 4})
+    clock.advance(3600)
+    fire(engine, clock)
+    check({"scheduled": 1, "fired": 3})
+    clock.advance(8 * 86400)
+    with transaction(engine) as conn:
+        assert queries.purge_fired_timers(conn, clock.now() - timedelta(days=7)) == 3
+    check({"scheduled": 1})
+    with transaction(engine) as conn:
+        queries.delete_persona_timers(conn, "p")
+    check({})

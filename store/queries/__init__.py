@@ -119,10 +119,16 @@ from program_timer.store.queries.subscriptions import (
     upsert_subscription as upsert_subscription,
 )
 from program_timer.store.queries.timers import (
+    add_timer_counts as add_timer_counts,
+)
+from program_timer.store.queries.timers import (
     claim_due as claim_due,
 )
 from program_timer.store.queries.timers import (
     complete_one_shots as complete_one_shots,
+)
+from program_timer.store.queries.timers import (
+    count_change as count_change,
 )
 from program_timer.store.queries.timers import (
     count_timers as count_timers,
@@ -150,6 +156,9 @@ from program_timer.store.queries.timers import (
 )
 from program_timer.store.queries.timers import (
     purge_fired_timers as purge_fired_timers,
+)
+from program_timer.store.queries.timers import (
+    recount_timers as recount_timers,
 )
 from program_timer.store.queries.timers import (
     timer_counts as timer_counts,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import operator
-from collections.abc import Iterable, Sequence
+import random
+import threading
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -15,6 +18,7 @@ from sqlalchemy.sql.elements import TextClause
 from program_timer.core.model import FIRED, Timer
 from program_timer.store.queries import driver
 from program_timer.store.queries.batches import chunks
+from program_timer.store.schema import timer_counts as counts_table
 from program_timer.store.schema import timers
 
 # The Timer's fields are the table's columns (the schema is their one source), but one name.
@@ -108,7 +112,15 @@ def delete_timer_ids(conn: Connection, ids: Sequence[int]) -> None:
 
 
 def delete_persona_timers(conn: Connection, persona_id: str) -> int:
-    return conn.execute(delete(timers).where(timers.c.persona_id == persona_id)).rowcount
+    """Delete a persona's timers; their states come back so that the counts stay exact."""
+    states = conn.execute(
+        delete(timers).where(timers.c.persona_id == persona_id).returning(timers.c.state)
+    ).scalars()
+    changes: dict[str, int] = {}
+    for state in states:
+        changes[state] = changes.get(state, 0) - 1
+    add_timer_counts(conn, changes)
+    return -sum(changes.values())
 
 
 def list_timers(conn: Connection, persona_id: str, after: str | None, limit: int) -> list[Timer]:
@@ -186,11 +198,66 @@ def purge_fired_timers(conn: Connection, before: datetime) -> int:
         timers.c.state == FIRED,
         timers.c.updated_at < before,
     )
-    return conn.execute(stmt).rowcount
+    removed: int = conn.execute(stmt).rowcount
+    add_timer_counts(conn, {FIRED: -removed})
+    return removed
+
+
+# Counts by state, kept (table timer_counts, migration 0004) -------------------------------
+
+SHARDS: Final = 16
+_thread = threading.local()
+_shards = itertools.count(random.randrange(SHARDS))
+
+
+def _shard(conn: Connection) -> int:
+    """This thread's shard of the counts: on PostgreSQL each writing thread adds to its own
+    rows (a daemon's threads never share one; two daemons' rarely), so transactions running at
+    once do not queue on a count. SQLite has one writer at a time: one row per state."""
+    if conn.dialect.name == "sqlite":
+        return 0
+    shard: int | None = getattr(_thread, "shard", None)
+    if shard is None:
+        shard = _thread.shard = next(_shards) % SHARDS
+    return shard
+
+
+def count_change(changes: dict[str, int], old: str | None, new: str | None) -> None:
+    """Note in ``changes`` that a timer went from state ``old`` to ``new`` (None: no row)."""
+    if old != new:
+        if old is not None:
+            changes[old] = changes.get(old, 0) - 1
+        if new is not None:
+            changes[new] = changes.get(new, 0) + 1
+
+
+def add_timer_counts(conn: Connection, changes: Mapping[str, int]) -> None:
+    """Add ``changes`` (state -> delta) to the kept counts, in the caller's transaction: one
+    statement, states in one order (two transactions never take the rows in opposite order)."""
+    rows = sorted((state, n) for state, n in changes.items() if n)
+    if not rows:
+        return
+    shard = _shard(conn)
+    params = [v for state, n in rows for v in (state, shard, n)]
+    driver.execute(conn, _upsert_counts(len(rows)), params)
+
+
+@functools.cache
+def _upsert_counts(n: int) -> str:
+    values = ", ".join(["(?, ?, ?)"] * n)
+    return (
+        f"INSERT INTO {counts_table.name} (state, shard, n) VALUES {values} "
+        "ON CONFLICT (state, shard) DO UPDATE SET n = timer_counts.n + excluded.n"
+    )
 
 
 def timer_counts(conn: Connection) -> dict[str, int]:
-    return {
-        state: n
-        for state, n in conn.execute(select(timers.c.state, func.count()).group_by(timers.c.state))
-    }
+    """Timers by state: the kept counts (a few rows), never a count of the timers table."""
+    stmt = select(counts_table.c.state, func.sum(counts_table.c.n)).group_by(counts_table.c.state)
+    return {state: int(n) for state, n in conn.execute(stmt) if n}
+
+
+def recount_timers(conn: Connection) -> dict[str, int]:
+    """Timers by state counted from the timers table (tests compare it with the kept counts)."""
+    stmt = select(timers.c.state, func.count()).group_by(timers.c.state)
+    return {state: n for state, n in conn.execute(stmt)}
