@@ -199,6 +199,7 @@ class Daemon:
             fired=self.dispatcher.kick,
             direct=self.dispatcher.direct,
             ack_timeout=settings.ack_timeout,
+            commands_waiting=self.worker.commands_recent,
         )
         self._start_scheduler(self._maintenance)
         stack.push_async_callback(self._stop_scheduler)

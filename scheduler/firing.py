@@ -35,11 +35,13 @@ from program_timer.store.notify import DELIVERIES, notify
 log = logs.get_logger()
 
 STEADY_WINDOW = 0.02  # seconds: a timer due this soon after a batch is waited for in the pass
+SHARED_FRACTION = 8  # while commands come, a batch fires at most batch_size / this
 
 
 @dataclass
 class BatchResult:
     claimed: int = 0
+    limit: int = 0  # the most it could claim: claimed == limit means more may be due
     fired: int = 0
     dropped: int = 0
     deliveries: int = 0
@@ -71,7 +73,7 @@ def fire_batch(
 ) -> BatchResult:
     """Fire up to ``limit`` timers due at ``now`` inside the caller's transaction."""
     due = queries.claim_due(conn, now, limit)
-    result = BatchResult(claimed=len(due))
+    result = BatchResult(claimed=len(due), limit=limit)
     if not due:
         return result
     router = Router(queries.all_subscriptions(conn))
@@ -235,7 +237,9 @@ class FireLoop:
         fired: Callable[[], None],
         direct: DirectSends | None = None,
         ack_timeout: float = 30.0,
+        commands_waiting: Callable[[], bool] | None = None,
     ) -> None:
+        self._commands_waiting = commands_waiting
         self._direct = direct
         self._ack_timeout = ack_timeout
         self._engine = engine
@@ -276,7 +280,7 @@ class FireLoop:
                 continue
             self.backoff.succeeded()
             self._record(result)
-            if result.claimed >= self._batch_size:
+            if result.claimed >= result.limit:
                 continue
             if next_due is None:
                 return
@@ -286,8 +290,18 @@ class FireLoop:
             if wait > 0:
                 self._stop.wait(wait)
 
+    def _limit(self) -> int:
+        """Fires in this batch: the configured size, or an eighth of it while clients are
+        sending commands. A command waits for the fire transaction in progress (on SQLite for
+        its writer lock; on both, for the GIL the batch's Python holds): smaller transactions
+        bound that wait at some cost in fires per second, and only while commands come."""
+        if self._commands_waiting is not None and self._commands_waiting():
+            return max(1, self._batch_size // SHARED_FRACTION)
+        return self._batch_size
+
     def _one_batch(self) -> tuple[BatchResult, datetime | None]:
         now = self._clock.now()
+        limit = self._limit()
         direct = None
         if self._direct is not None:
             quota, attached = self._direct.reserve()
@@ -295,12 +309,10 @@ class FireLoop:
             direct = Direct(quota, attached, now + timedelta(seconds=self._ack_timeout))
         try:
             with transaction(self._engine) as conn:
-                result = fire_batch(
-                    conn, now, self._batch_size, self._daemon_id, self._misfire_grace, direct
-                )
+                result = fire_batch(conn, now, limit, self._daemon_id, self._misfire_grace, direct)
                 if result.deliveries > len(result.sends):
                     notify(conn, DELIVERIES, self._daemon_id)
-                full = result.claimed >= self._batch_size
+                full = result.claimed >= limit
                 next_due = None if full else queries.next_due_at(conn)
         except BaseException:
             if self._direct is not None:

@@ -327,3 +327,30 @@ def test_kept_counts_follow_every_state_change(engine: Engine) -> None:
     with transaction(engine) as conn:
         queries.delete_persona_timers(conn, "p")
     check({})
+
+
+@pytest.mark.parametrize("commands_coming", [False, True])
+def test_fire_batches_shrink_while_commands_come(engine: Engine, commands_coming: bool) -> None:
+    """A command waits for the fire transaction in progress: while clients send commands, the
+    fire loop fires in transactions of an eighth of the batch size (all fires still happen)."""
+    from program_timer.scheduler.firing import SHARED_FRACTION, FireLoop
+    from program_timer.scheduler.metrics import Metrics
+
+    clock = FakeClock(T0)
+    run(engine, clock, *[req(personaId="p", timerName=f"t{i}", interval="1") for i in range(101)])
+    clock.advance(2)
+    metrics = Metrics()
+    loop = FireLoop(
+        engine,
+        clock,
+        metrics,
+        daemon_id="test",
+        batch_size=40,
+        misfire_grace=None,
+        fired=lambda: None,
+        commands_waiting=lambda: commands_coming,
+    )
+    loop.fire_pass()
+    assert metrics.fires == 101
+    per_batch = 40 // SHARED_FRACTION if commands_coming else 40
+    assert metrics.batches == -(-101 // per_batch)  # full batches, then the rest
