@@ -65,6 +65,7 @@ _MORE_SETTINGS: tuple[tuple[str, type, str], ...] = (
     ("allowed_gids", str, "Peer gids allowed, comma-separated (unset: any)"),
     ("database_timeout", float, "Bound of every database wait of a request, s"),
     ("metrics_address", str, "Serve Prometheus /metrics on host:port (unset: off)"),
+    ("metrics_refresh", float, "Least time between two reads of the database figures, s"),
     ("retry_max_delay", float, "Longest wait between resends of an unacked delivery, s"),
     ("max_attempts", int, "Sends without an ack before a delivery is dead (unset: no limit)"),
     ("connectors", str, "connectorIdns commands may name, comma-separated (unset: any)"),

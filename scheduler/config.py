@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     database_timeout: float = _seconds(5.0, 0, 600)
     # SPEC 7.3 / 7.4: Prometheus metrics, resend backoff, dead letters.
     metrics_address: str | None = None
+    metrics_refresh: float = _seconds(5.0, 0, DAY)
     retry_max_delay: float = _seconds(3600.0, 0, 10 * YEAR)
     max_attempts: int | None = Field(default=None, ge=1, le=1_000_000)
     log_format: Literal["auto", "console", "json"] = "auto"

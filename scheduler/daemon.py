@@ -238,7 +238,10 @@ class Daemon:
         if self.settings.metrics_endpoint is not None:
             from program_timer.scheduler.prometheus import MetricsExporter, registry_for
 
-            exporter = MetricsExporter(self.settings.metrics_endpoint, registry_for(self.requests))
+            exporter = MetricsExporter(
+                self.settings.metrics_endpoint,
+                registry_for(self.requests, self.settings.metrics_refresh),
+            )
             exporter.start()
             stack.callback(exporter.stop)
         interval = systemd.watchdog_interval()

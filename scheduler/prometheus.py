@@ -271,11 +271,11 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=float(value))
 
 
-def registry_for(handler: RequestHandler) -> CollectorRegistry:
+def registry_for(handler: RequestHandler, refresh: float = REFRESH) -> CollectorRegistry:
     """The private registry: the daemon's metrics and the process's."""
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))
-    registry.register(DaemonCollector(handler))
+    registry.register(DaemonCollector(handler, refresh=refresh))
     return registry
 
 

@@ -50,6 +50,9 @@ def _metrics_url(d: DaemonProcess) -> str:
     return f"http://{wait_for(logged, timeout=10)}/metrics"
 
 
+REFRESH = 2.0  # PROGRAM_TIMER_METRICS_REFRESH of the scrape test (default 5 s)
+
+
 def _start(factory: Any, **env: Any) -> tuple[DaemonProcess, str]:
     d: DaemonProcess = factory(PROGRAM_TIMER_METRICS_ADDRESS="127.0.0.1:0", **env)
     d.start()
@@ -90,7 +93,12 @@ def _events(c: Any, n: int, timeout: float = 15.0) -> list[dict[str, Any]]:
 
 
 def test_scrape_shows_commands_fires_deliveries_and_database_figures(daemon_factory) -> None:  # type: ignore[no-untyped-def]
-    d, url = _start(daemon_factory, PROGRAM_TIMER_ACK_TIMEOUT=1, PROGRAM_TIMER_MAX_ATTEMPTS=1)
+    d, url = _start(
+        daemon_factory,
+        PROGRAM_TIMER_ACK_TIMEOUT=1,
+        PROGRAM_TIMER_MAX_ATTEMPTS=1,
+        PROGRAM_TIMER_METRICS_REFRESH=REFRESH,
+    )
     with d.client() as away:
         away.subscribe("away")  # detached from now on: its deliveries wait
     with d.client() as here, d.client() as lazy, d.client() as c:
@@ -106,7 +114,7 @@ def test_scrape_shows_commands_fires_deliveries_and_database_figures(daemon_fact
         assert here.ack([m["deliveryId"] for m in got]) == 3
         _events(lazy, 3)
         wait_for(lambda: c.status()["deliveries"]["dead"] == 3, timeout=10)
-        time.sleep(5.2)  # past the cache of the database figures (5 s)
+        time.sleep(REFRESH + 0.2)  # past the cache of the database figures
 
         s = Scrape(url)
         assert set(s.families) >= SPEC_METRICS, SPEC_METRICS - set(s.families)
@@ -137,7 +145,7 @@ def test_scrape_shows_commands_fires_deliveries_and_database_figures(daemon_fact
         assert s.value("program_timer_timers", state="scheduled") == 0
         assert s.value("program_timer_deliveries_pending") == 3  # away's
         assert s.value("program_timer_deliveries_dead") == 3  # lazy's
-        assert 5 < s.value("program_timer_oldest_pending_delivery_seconds") < 60
+        assert REFRESH < s.value("program_timer_oldest_pending_delivery_seconds") < 60
         assert s.value("program_timer_subscriptions") == 3
         assert s.value("program_timer_database_up") == 1
         assert s.value("program_timer_connections") == 3
