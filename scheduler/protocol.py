@@ -316,6 +316,7 @@ def timer_to_wire(timer: Timer) -> dict[str, Any]:
         "interval": format_interval(timer.interval),
         "rrule": timer.rrule,
         "cron": timer.cron,
+        "timezone": timer.timezone,
         "repeatable": timer.repeatable,
         "enabled": timer.enabled,
         "state": timer.state,

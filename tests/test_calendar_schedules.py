@@ -91,6 +91,7 @@ def test_cron_timer_is_accepted_with_its_next_fire_time(
         timer = reply["timer"]
         assert reply["warnings"] == []
         assert timer["cron"] == "0 9 * * 1-5" and timer["rrule"] is None
+        assert timer["timezone"] == "Europe/Paris"
         assert timer["state"] == "scheduled"
         assert _parse(timer["nextFireAt"]) == _next_weekday_9(before, paris)
         # The same rule as an RRULE, in the daemon's default zone (UTC here).
@@ -103,6 +104,7 @@ def test_cron_timer_is_accepted_with_its_next_fire_time(
             rrule="FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR;BYHOUR=9;BYMINUTE=0",
         )["timer"]
         assert _parse(rrule["nextFireAt"]) == _next_weekday_9(before, ZoneInfo("UTC"))
+        assert rrule["timezone"] == "UTC"  # the default it was set in, kept with the calendar
     daemon.stop()
 
     # Stored in the rrule/cron columns: a restarted daemon reads the same timers back.
