@@ -22,8 +22,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from bench.common import (
     CONNECTOR,
     TIMER_ARGUMENTS,
@@ -77,25 +75,8 @@ def _rows(db: Database, n: int, t0: float, kind: str) -> Iterator[tuple[Any, ...
 
 
 def _insert(db: Database, rows: Iterator[tuple[Any, ...]]) -> None:
-    """Bulk-load in one transaction, as :meth:`Database.insert_timers` (with the rule columns)."""
-    cols = ", ".join(COLUMNS)
-    if db.kind == "sqlite":
-        conn = db.raw()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            marks = ", ".join("?" * len(COLUMNS))
-            conn.executemany(f"INSERT INTO timers ({cols}) VALUES ({marks})", rows)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        return
-    with psycopg.connect(db.url) as conn:
-        with conn.cursor() as cur, cur.copy(f"COPY timers ({cols}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        conn.commit()
-        conn.execute("ANALYZE timers")
-        conn.commit()
+    """Bulk-load in one transaction: :meth:`Database.insert_timers` with the rule columns."""
+    db.insert_timers(rows, COLUMNS)
 
 
 def _wake(path: str, t0: float, kind: str) -> None:

@@ -208,24 +208,41 @@ class Database:
         """How a bulk-loaded row carries a time on this database."""
         return sqlite_ts if self.kind == "sqlite" else (lambda d: d)
 
-    def insert_timers(self, rows: Iterable[tuple[Any, ...]]) -> None:
+    def insert_timers(
+        self, rows: Iterable[tuple[Any, ...]], columns: Sequence[str] = TIMER_COLUMNS
+    ) -> None:
         """Bulk-load timer rows (in :data:`TIMER_COLUMNS` order) in one transaction:
         ``executemany`` on SQLite, ``COPY`` on PostgreSQL."""
-        cols = ", ".join(TIMER_COLUMNS)
+        cols = ", ".join(columns)
+        counts: dict[str, int] = {}  # the daemon keeps counts by state (timer_counts): add ours
+        state_at = list(columns).index("state")
+
+        def counted() -> Iterator[tuple[Any, ...]]:
+            for row in rows:
+                counts[row[state_at]] = counts.get(row[state_at], 0) + 1
+                yield row
+
+        add_counts = (
+            "INSERT INTO timer_counts (state, shard, n) VALUES ({m}, 0, {m}) "
+            "ON CONFLICT (state, shard) DO UPDATE SET n = timer_counts.n + excluded.n"
+        )
         if self.kind == "sqlite":
             conn = self.raw()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                marks = ", ".join("?" * len(TIMER_COLUMNS))
-                conn.executemany(f"INSERT INTO timers ({cols}) VALUES ({marks})", rows)
+                marks = ", ".join("?" * len(columns))
+                conn.executemany(f"INSERT INTO timers ({cols}) VALUES ({marks})", counted())
+                conn.executemany(add_counts.format(m="?"), list(counts.items()))
                 conn.execute("COMMIT")
             finally:
                 conn.close()
             return
         with psycopg.connect(self.url) as conn:
             with conn.cursor() as cur, cur.copy(f"COPY timers ({cols}) FROM STDIN") as copy:
-                for row in rows:
+                for row in counted():
                     copy.write_row(row)
+            with conn.cursor() as cur:
+                cur.executemany(add_counts.format(m="%s"), list(counts.items()))
             conn.commit()
             # A real table has statistics (autovacuum); a freshly loaded one would not yet.
             conn.execute("ANALYZE timers")
