@@ -340,7 +340,7 @@ def scale_specs(n: int, start: datetime) -> tuple[list[TimerSpec], list[str], st
         for k in range(1000):
             specs.append(TimerSpec(big, f"t{k:04d}", start + timedelta(seconds=i * spread)))
             i += 1
-    personas = []
+    personas: list[str] = []
     while i < n:
         persona = f"scale-{len(personas):07d}"
         personas.append(persona)

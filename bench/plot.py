@@ -16,7 +16,7 @@ def plot_lateness(samples: dict[str, dict[str, Any]], path: Path, goal_ms: float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in samples if samples[k]]
+    kinds = [k for k in samples if any("lateness_s" in v for v in samples[k].values())]
     fig, axes = plt.subplots(
         1, max(1, len(kinds)), figsize=(6.5 * max(1, len(kinds)), 4.6), squeeze=False
     )
@@ -27,6 +27,8 @@ def plot_lateness(samples: dict[str, dict[str, Any]], path: Path, goal_ms: float
     }
     for ax, kind in zip(axes[0], kinds, strict=False):
         for key, series in samples[kind].items():
+            if "lateness_s" not in series:
+                continue  # other series (read latency) are not lateness
             values = sorted(max(FLOOR_MS, v * 1000) for v in series["lateness_s"])
             if not values:
                 continue

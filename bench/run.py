@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import calendar_burst, ceiling, multi, ours, stock_apscheduler
+from bench import calendar_burst, ceiling, flow, multi, ours, stock_apscheduler
 from bench.common import DEFAULT_PG_ADMIN, Database, log, stop_all_daemons
 from bench.report import format_table
 
@@ -51,13 +52,16 @@ class Sizes:
     stock_burst: int  # stock APScheduler is slow: a smaller burst
     stock_steady_seconds: float
     multi: int  # burst fired by several daemons on one PostgreSQL database
+    steady_high_rate: float  # steady_read's second rate (steady_seconds long too)
 
 
 SIZES = {
-    "full": Sizes(20_000, 20_000, 1000, 30, 20_000, 20_000, 1_000_000, 100, 2_000, 30, 20_000),
-    "small": Sizes(1_000, 1_000, 1000, 1.5, 2_000, 2_000, 20_000, 20, 300, 1.5, 1_000),
+    "full": Sizes(
+        20_000, 20_000, 1000, 30, 20_000, 20_000, 1_000_000, 100, 2_000, 30, 20_000, 5000
+    ),
+    "small": Sizes(1_000, 1_000, 1000, 1.5, 2_000, 2_000, 20_000, 20, 300, 1.5, 1_000, 5000),
     # For the smoke test only: exercises every code path in seconds.
-    "tiny": Sizes(200, 200, 200, 1, 200, 200, 2_000, 5, 50, 1, 200),
+    "tiny": Sizes(200, 200, 200, 0.5, 200, 200, 2_000, 5, 50, 1, 200, 400),
 }
 
 SCENARIOS = (
@@ -66,7 +70,9 @@ SCENARIOS = (
     "calendar",
     "burst_delivered",
     "steady",
+    "steady_read",
     "commands",
+    "commands_4",
     "commands_during_burst",
     "multi",
     "stock",
@@ -120,6 +126,16 @@ def run_database(
     def prof(name: str) -> Path | None:
         return None if profile_dir is None else profile_dir / f"profile-{kind}-{name}.txt"
 
+    def steady_read(name: str, rate: float) -> dict[str, Any]:
+        return flow.run_steady_read(
+            db,
+            workdir,
+            rate,
+            sizes.steady_seconds,
+            label=name.replace("_", "-"),
+            profile=prof(name),
+        )
+
     try:
         if "ceiling" in scenarios:
             step(
@@ -163,11 +179,24 @@ def run_database(
                     profile=prof("steady"),
                 ),
             )
+        if "steady_read" in scenarios:
+            for name, rate in (
+                ("steady_read", sizes.steady_rate),
+                ("steady_read_high", sizes.steady_high_rate),
+            ):
+                step(name, functools.partial(steady_read, name, rate))
         if "commands" in scenarios:
             step(
                 "commands",
                 lambda: ours.run_commands(
                     db, workdir, sizes.commands, label="commands", profile=prof("commands")
+                ),
+            )
+        if "commands_4" in scenarios:
+            step(
+                "commands_4",
+                lambda: flow.run_commands_clients(
+                    db, workdir, sizes.commands, label="commands-4", profile=prof("commands_4")
                 ),
             )
         if "commands_during_burst" in scenarios:
@@ -186,7 +215,8 @@ def run_database(
                     db, sizes.stock_burst, label="stock-burst"
                 ),
             )
-            rate = stock_rate or stock_steady_rate(sizes, burst and burst.get("durable_per_s"))
+            burst_rate = burst.get("durable_per_s") if burst else None
+            rate = stock_rate or stock_steady_rate(sizes, burst_rate)
             step(
                 "stock_steady",
                 lambda: stock_apscheduler.run_stock_steady(
@@ -232,14 +262,18 @@ def run_multi(
         log(f"{db.kind}: multi skipped: {out['skipped']['multi']}")
         return
     for k in multi.DAEMON_COUNTS:
-        step(f"multi_{k}", lambda k=k: multi.run_multi_burst(db, workdir, n, k, label=f"multi{k}"))
+        step(
+            f"multi_{k}",
+            functools.partial(multi.run_multi_burst, db, workdir, n, k, label=f"multi{k}"),
+        )
     for k in multi.KILL_COUNTS:
         # Killed at half the time the same burst took without a kill (or at half the events).
         plain = out.get(f"multi_{k}") or {}
         hint = plain.get("durable_s")
         step(
             f"multi_kill_{k}",
-            lambda k=k, hint=hint: multi.run_multi_burst(
+            functools.partial(
+                multi.run_multi_burst,
                 db,
                 workdir,
                 n,
@@ -321,6 +355,14 @@ def run(
                     "label": f"{label} @ {data['rate']:g}/s",
                     "lateness_s": data.pop("lateness_samples_s"),
                 }
+        for key, name in (("read", "steady_read"), ("read_high", "steady_read_high")):
+            data = results[kind].get(name)
+            if data and "read_latency_samples_s" in data:
+                # scheduledAt -> read by the subscriber: kept here, not drawn in the plot.
+                series[key] = {
+                    "label": f"program-timer @ {data['rate']:g}/s, read by a subscriber",
+                    "read_latency_s": data.pop("read_latency_samples_s"),
+                }
         samples[kind] = series
     files = {"json": base.with_suffix(".json"), "samples": Path(f"{base}-lateness.json")}
     files["json"].write_text(json.dumps(results, indent=2) + "\n")
@@ -328,7 +370,7 @@ def run(
     table = format_table(results)
     files["table"] = base.with_suffix(".txt")
     files["table"].write_text(table + "\n")
-    if plot and any(samples.values()):
+    if plot and any("lateness_s" in v for series in samples.values() for v in series.values()):
         from bench.plot import plot_lateness
 
         try:
@@ -378,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="record the daemon with py-spy (burst, delivery, steady, commands, list_timers) "
-        "into --out; summarize with python -m bench.profile_summary",
+        help="record the daemon with py-spy (burst, delivery, steady, steady_read, commands, "
+        "commands_4, list_timers) into --out; summarize with python -m bench.profile_summary",
     )
     args = parser.parse_args(argv)
     databases = [d.strip() for d in args.db.split(",") if d.strip()]

@@ -39,7 +39,10 @@ def test_benchmark_runs_every_scenario_on_tiny_sizes(tmp_path: Path) -> None:
         "burst",
         "burst_delivered",
         "steady",
+        "steady_read",
+        "steady_read_high",
         "commands",
+        "commands_4",
         "commands_during_burst",
         "stock_burst",
         "stock_steady",
@@ -55,8 +58,30 @@ def test_benchmark_runs_every_scenario_on_tiny_sizes(tmp_path: Path) -> None:
     assert _positive(r["burst_delivered"]["delivered_acked_per_s"])
     assert r["steady"]["lateness"]["n"] == int(sizes.steady_rate * sizes.steady_seconds)
     assert r["stock_steady"]["lateness"]["n"] == r["stock_steady"]["n"]
+    # Read by a subscriber (its own process), at the steady rate and at the high one: every
+    # event read once and acked, each with its latency; the committed lateness too.
+    for name, rate in (
+        ("steady_read", sizes.steady_rate),
+        ("steady_read_high", sizes.steady_high_rate),
+    ):
+        read = r[name]
+        n = int(rate * sizes.steady_seconds)
+        assert read["rate"] == rate and read["n"] == n
+        assert read["received"] == n and read["acked"] == n and read["resent"] == 0
+        assert 0 < read["ack_requests"] < n  # batched
+        assert read["read_latency"]["n"] == n and read["lateness"]["n"] == n
+        assert _positive(read["read_latency"]["p99_ms"])
+        # Read after it fired: scheduledAt -> read covers the fire's lateness.
+        assert read["read_latency"]["p50_ms"] >= read["fired_to_read"]["p50_ms"]
+        assert "read_latency_samples_s" not in read  # moved to the samples file
     assert r["commands"]["errors"] == {}
     assert _positive(r["commands"]["per_s"])
+    four = r["commands_4"]
+    assert four["clients"] == 4 and four["per_client"] == sizes.commands
+    assert four["n"] == 4 * sizes.commands and four["errors"] == {}
+    assert four["reply_time"]["n"] == four["n"]
+    assert len(four["per_client_per_s"]) == 4 and all(map(_positive, four["per_client_per_s"]))
+    assert _positive(four["per_s"])
     assert r["commands_during_burst"]["errors"] == 0
     scale = r["scale"]
     assert scale["n"] == sizes.scale
@@ -70,11 +95,14 @@ def test_benchmark_runs_every_scenario_on_tiny_sizes(tmp_path: Path) -> None:
     # The files: raw figures, lateness samples, the table, and the plot.
     assert json.loads(files["json"].read_text())["meta"]["sizes"] == "tiny"
     samples = json.loads(files["samples"].read_text())["sqlite"]
-    assert {"ours", "stock"} <= set(samples)
+    assert {"ours", "stock", "read", "read_high"} <= set(samples)
+    assert len(samples["read_high"]["read_latency_s"]) == r["steady_read_high"]["n"]
     table = files["table"].read_text()
     assert "stock APS" in table and "ceiling" in table and "sqlite" in table
     assert table.strip() == format_table(results).strip()
     assert "sqlite: multi skipped" in table
+    assert table.count("scheduledAt → read by subscriber") == 2
+    assert "4 clients together pipelining set_timer/s" in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert files["png"].stat().st_size > 0
 
