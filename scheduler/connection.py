@@ -41,9 +41,12 @@ class ClientConnection:
         self.closed = False
         self.pid, self.uid, self.gid = peer_credentials(writer)
         self.max_pipeline = max_pipeline
-        # The pipeline: replies (futures) in request order and pushed events (their bytes),
-        # and the bytes they hold.
+        # The pipeline: replies (futures) in request order, pushed events (their bytes), and
+        # the bytes both hold. Pushes do not wait behind replies still being computed (an ack
+        # waiting for its write, a command for its transaction): a push may come between any
+        # two replies (docs/protocol.md).
         self.pending: deque[asyncio.Future[bytes] | bytes] = deque()
+        self.pushes: deque[bytes] = deque()
         self.pending_bytes = 0
         # Requests whose reply is not computed yet hold no bytes, but will: each is counted
         # at an estimate of the reply size that starts high (a new connection has 16 requests
@@ -58,11 +61,12 @@ class ClientConnection:
         self.work = asyncio.Event()  # set by the reader when it adds to the pipeline
 
     def push(self, message: dict[str, Any]) -> None:
-        """Queue a message the client did not ask for (an event), after the replies already
-        queued; it counts in the connection's byte budget like a reply."""
+        """Queue a message the client did not ask for (an event): written as soon as the
+        writer runs, before replies not computed yet; it counts in the connection's byte
+        budget like a reply."""
         if not self.closed:
             data = encode(message)
-            self.pending.append(data)
+            self.pushes.append(data)
             self.pending_bytes += len(data)
             self.work.set()
 
@@ -70,6 +74,10 @@ class ClientConnection:
     def backlogged(self) -> bool:
         """The client is not reading what it was sent: push nothing more for now."""
         return self.pending_bytes >= PIPELINE_BYTES
+
+    def wake(self, _reply: object = None) -> None:
+        """Tell the writer there may be something to write (a reply computed, a push)."""
+        self.work.set()
 
     def close(self) -> None:
         if not self.closed:
@@ -86,7 +94,7 @@ class ClientConnection:
             self.writer.transport.abort()
 
     def full(self) -> bool:
-        if not self.pending:
+        if not self.pending and not self.pushes:
             return False
         expected = self.pending_bytes + self.unanswered * self.reply_estimate
         return len(self.pending) >= self.max_pipeline or expected >= PIPELINE_BYTES

@@ -293,7 +293,9 @@ class SocketServer:
             return False
         conn.pending_bytes += len(line)
         conn.unanswered += 1
-        conn.pending.append(asyncio.ensure_future(self._answer(conn, line)))
+        reply = asyncio.ensure_future(self._answer(conn, line))
+        reply.add_done_callback(conn.wake)  # the writer waits for the reply at its head
+        conn.pending.append(reply)
         conn.work.set()
         return True
 
@@ -320,26 +322,36 @@ class SocketServer:
         return data
 
     async def _write_loop(self, conn: ClientConnection) -> None:
+        """Write replies in request order as they are computed, and pushes as they come (not
+        behind a reply still being computed); wait on ``conn.work``, set by the reader, by
+        every reply computed and by every push."""
         writer = conn.writer
+        pending, pushes = conn.pending, conn.pushes
         try:
             while not conn.closed:
-                if not conn.pending:
-                    if conn.reading_done:
+                wrote = 0
+                while pushes:
+                    data = pushes.popleft()
+                    wrote += len(data)
+                    writer.write(data)
+                while pending and (isinstance(pending[0], bytes) or pending[0].done()):
+                    head = pending.popleft()
+                    data = head if isinstance(head, bytes) else head.result()
+                    wrote += len(data)
+                    writer.write(data)
+                if wrote:
+                    conn.pending_bytes -= wrote
+                    conn.room.set()
+                    if not pending or writer.transport.get_write_buffer_size() > READ_CHUNK:
                         await writer.drain()
-                        break
-                    conn.work.clear()
-                    await conn.work.wait()
                     continue
-                head = conn.pending[0]
-                data = head if isinstance(head, bytes) else await head
-                conn.pending.popleft()
-                conn.pending_bytes -= len(data)
-                conn.room.set()
-                if conn.closed:
-                    break
-                writer.write(data)
-                if not conn.pending or writer.transport.get_write_buffer_size() > READ_CHUNK:
+                if not pending and conn.reading_done:
                     await writer.drain()
+                    break
+                conn.work.clear()
+                if pushes or (pending and (isinstance(pending[0], bytes) or pending[0].done())):
+                    continue  # came while we looked
+                await conn.work.wait()
         except (ConnectionError, OSError, RuntimeError):  # uvloop: RuntimeError, transport closed
             pass
         finally:
