@@ -205,7 +205,7 @@ class Dispatcher:
                 subscription=subscription_id,
             )
         self._attached[subscription_id] = Attachment(subscription_id, flow_instance_id, peer)
-        self.direct.lag([subscription_id])  # what waited for it goes first, through the pump
+        self.direct.joined(subscription_id)  # what waited for it goes first, through the pump
         log.info(
             "subscribed",
             action="subscribed",
@@ -291,11 +291,14 @@ class Dispatcher:
             ]
             if deadlines:
                 timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                woken = await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
             try:
-                await self.pump()
+                # Woken (a fire, an ack): read only for subscriptions whose deliveries may
+                # wait in the database; every poll interval (or resend deadline): for all.
+                await self.pump(everyone=not woken)
             except asyncio.CancelledError:
                 raise
             except StoreUnavailable as exc:
@@ -306,13 +309,20 @@ class Dispatcher:
             else:
                 self.backoff.succeeded()
 
-    def _wanted(self) -> dict[str, int]:
+    def _wanted(self, everyone: bool = True) -> dict[str, int]:
         """How many deliveries each attached subscription may be sent now.
 
         The window (``max_inflight`` unacked deliveries) is the connection's, shared by the
         subscriptions it holds: a connection is refilled once at least half of its window is
         free, or at once when a resend fell due, each of its subscriptions getting an equal
-        share. A connection that does not read what it was sent gets nothing more."""
+        share. A connection that does not read what it was sent gets nothing more.
+
+        While direct sends are on, a subscription that fire batches keep up with has nothing
+        waiting in the database: unless ``everyone``, it is read only when it lags (it just
+        attached, a batch left it deliveries, dead ones were revived) or a resend fell due.
+        Without that, every ack and every fire batch cost a refill transaction that found
+        nothing (on SQLite, holding the writer lock the fire transactions wait for)."""
+        selective = not everyone and self.direct.enabled
         mono = time.monotonic()
         by_peer: dict[int, list[Attachment]] = {}
         for a in self._attached.values():
@@ -333,14 +343,16 @@ class Dispatcher:
                 self._turn += 1  # more subscriptions than free places: each gets its turn
                 start = self._turn % len(subs)
                 for a in (subs[start:] + subs[:start])[:free]:
+                    if selective and not (a.resend_due or self.direct.lagging(a.subscription_id)):
+                        continue
                     wanted[a.subscription_id] = share
                     a.resend_due = False
         self.direct.refresh(windows)
         return wanted
 
-    async def pump(self) -> None:
+    async def pump(self, everyone: bool = True) -> None:
         """Send what each attached subscription may receive now (see :meth:`_wanted`)."""
-        wanted = self._wanted()
+        wanted = self._wanted(everyone)
         if not wanted:
             return
         now = self._now()

@@ -48,6 +48,7 @@ class DirectSends:
         self._free: dict[str, int] = {}  # window free per attached subscription (event loop)
         self._reserved: dict[str, int] = {}  # taken by fire batches not settled yet
         self._lagging: set[str] = set()  # deliveries wait in the database: no direct sends
+        self._known: set[str] = set()  # attached here (the dispatcher's, kept under the lock)
         self._generation: dict[str, int] = {}  # counts lag events, so a stale drain is ignored
         self._deliver: Callable[[list[Send], dict[str, int]], None] | None = None
         self.enabled = True  # off while other daemons share the database
@@ -76,6 +77,27 @@ class DirectSends:
                 self._lagging.add(sid)
                 self._generation[sid] = self._generation.get(sid, 0) + 1
 
+    def joined(self, subscription_id: str) -> None:
+        """The subscription attached here: what waited for it is read by the pump first."""
+        with self._lock:
+            self._known.add(subscription_id)
+        self.lag([subscription_id])
+
+    def lagging(self, subscription_id: str) -> bool:
+        """Whether deliveries may wait in the database for it: only then does the pump read
+        (while direct sends are on; otherwise it always reads)."""
+        with self._lock:
+            return subscription_id in self._lagging
+
+    def waiting(self, subscription_ids: set[str]) -> None:
+        """A committed fire batch left deliveries waiting in the database for these
+        subscriptions (full window, attached after the batch began, detached): those attached
+        here lag until the pump has read them."""
+        with self._lock:
+            known = self._known & subscription_ids
+        if known:
+            self.lag(known)
+
     def generation(self, subscription_id: str) -> int:
         with self._lock:
             return self._generation.get(subscription_id, 0)
@@ -89,6 +111,7 @@ class DirectSends:
     def forget(self, subscription_id: str) -> None:
         """The subscription is no longer attached here."""
         with self._lock:
+            self._known.discard(subscription_id)
             self._free.pop(subscription_id, None)
             self._lagging.discard(subscription_id)
             self._generation.pop(subscription_id, None)

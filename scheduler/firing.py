@@ -50,6 +50,7 @@ class BatchResult:
     fired_timers: list[tuple[str, str, str, str]] = field(default_factory=list)
     sends: list[Send] = field(default_factory=list)  # written as sent: push after the commit
     unsent: set[str] = field(default_factory=set)  # attached here, but left waiting
+    waiting: set[str] = field(default_factory=set)  # every subscription left a waiting one
 
 
 @dataclass
@@ -184,6 +185,7 @@ def _record_events(
                     "created_at": now,
                 }
             )
+            result.waiting.add(sub)
             if direct is not None and sub in direct.attached:
                 result.unsent.add(sub)
     queries.insert_deliveries(conn, waiting)
@@ -321,6 +323,8 @@ class FireLoop:
         if self._direct is not None:
             if result.unsent:
                 self._direct.lag(result.unsent)
+            if result.waiting:
+                self._direct.waiting(result.waiting)
             self._direct.deliver(result.sends, taken)  # committed: push them now
         return result, next_due
 
