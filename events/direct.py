@@ -51,7 +51,23 @@ class DirectSends:
         self._known: set[str] = set()  # attached here (the dispatcher's, kept under the lock)
         self._generation: dict[str, int] = {}  # counts lag events, so a stale drain is ignored
         self._deliver: Callable[[list[Send], dict[str, int]], None] | None = None
-        self.enabled = True  # off while other daemons share the database
+        self._enabled = True  # off while other daemons share the database
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        """Off while other daemons share the database. Turned on again, every subscription
+        attached here lags first: the others' fires may have left deliveries for it in the
+        database, which must reach it before any direct send (fire order)."""
+        with self._lock:
+            turned_on = on and not self._enabled
+            self._enabled = on
+            known = set(self._known)
+        if turned_on and known:
+            self.lag(known)
 
     # the event loop's side ---------------------------------------------------------------
 
@@ -124,7 +140,7 @@ class DirectSends:
         deliveries it could not send."""
         with self._lock:
             attached = frozenset(self._free)
-            if not self.enabled:
+            if not self._enabled:
                 return {}, frozenset()
             taken = {sid: n for sid, n in self._free.items() if n > 0 and sid not in self._lagging}
             for sid, n in taken.items():
