@@ -362,6 +362,20 @@ def _timed(fn: Any, calls: int) -> list[float]:
     return out
 
 
+def load_scale(db: Database, n: int, label: str) -> tuple[list[str], str | None, float]:
+    """Bulk-load the :func:`scale_specs` timers and settle the database (checkpoint / vacuum,
+    analyze); the personas, the persona at the quota, and the load's seconds."""
+    t = time.time()
+    specs, personas, big = scale_specs(n, utcnow() + timedelta(days=1))
+    db.insert_timers(timer_rows(db, specs, utcnow()))
+    del specs
+    loaded = time.time() - t
+    db.settle()
+    settled = time.time() - t - loaded
+    log(f"{label}: loaded {n} timers in {loaded:.1f} s (+{settled:.1f} s checkpoint/vacuum)")
+    return personas, big, loaded
+
+
 def run_scale(
     db: Database,
     workdir: Path,
@@ -375,14 +389,7 @@ def run_scale(
     import psutil  # noqa: F401 - fail early if missing
 
     url = db.fresh(label)
-    t = time.time()
-    specs, personas, big = scale_specs(n, utcnow() + timedelta(days=1))
-    db.insert_timers(timer_rows(db, specs, utcnow()))
-    del specs
-    loaded = time.time() - t
-    db.settle()
-    settled = time.time() - t - loaded
-    log(f"{label}: loaded {n} timers in {loaded:.1f} s (+{settled:.1f} s checkpoint/vacuum)")
+    personas, big, loaded = load_scale(db, n, label)
     rng = random.Random(42)
     result: dict[str, Any] = {"n": n, "load_s": round(loaded, 2)}
     with Daemon(url, workdir, label) as daemon:

@@ -38,11 +38,10 @@ from bench.common import (
     set_timer_message,
     stop_all_daemons,
     summarize_ms,
-    timer_rows,
     utcnow,
     wait_for_events,
 )
-from bench.ours import _lead, _load_due, _pipelined, _timed, scale_specs
+from bench.ours import _lead, _load_due, _pipelined, _timed, load_scale
 from program_timer.events.client import TimerClient
 
 COMMANDS = 20_000
@@ -65,12 +64,7 @@ def database_bytes(db: Database) -> int:
 def measure(db: Database, workdir: Path, n: int) -> dict[str, Any]:
     label = f"scale-{n}"
     db.fresh(label)
-    t = time.time()
-    specs, personas, _big = scale_specs(n, utcnow() + timedelta(days=1))
-    db.insert_timers(timer_rows(db, specs, utcnow()))
-    del specs
-    loaded = time.time() - t
-    db.settle()
+    personas, _big, loaded = load_scale(db, n, label)
     size = database_bytes(db)
     log(f"{db.kind} {n}: loaded in {loaded:.0f} s, {size / 2**20:.0f} MiB, {size / n:.0f} B/timer")
     result: dict[str, Any] = {

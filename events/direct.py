@@ -134,19 +134,18 @@ class DirectSends:
 
     # the fire loop's side ----------------------------------------------------------------
 
-    def reserve(self) -> tuple[dict[str, int], frozenset[str]]:
+    def reserve(self) -> dict[str, int]:
         """Take the free windows for one fire batch (settle them afterwards, whatever
-        happens); also the subscriptions attached here, which lag when the batch leaves them
-        deliveries it could not send."""
+        happens). What the batch leaves waiting for a subscription attached here makes it lag
+        (:meth:`waiting`)."""
         with self._lock:
-            attached = frozenset(self._free)
             if not self._enabled:
-                return {}, frozenset()
+                return {}
             taken = {sid: n for sid, n in self._free.items() if n > 0 and sid not in self._lagging}
             for sid, n in taken.items():
                 self._free[sid] = 0  # until settled: what is not used comes back then
                 self._reserved[sid] = self._reserved.get(sid, 0) + n
-        return taken, attached
+        return taken
 
     def settle(self, taken: dict[str, int], used: dict[str, int] | None = None) -> None:
         """Close a batch's reservation: after its sends are in flight (event loop), or at

@@ -49,18 +49,17 @@ class BatchResult:
     lateness: list[float] = field(default_factory=list)
     fired_timers: list[tuple[str, str, str, str]] = field(default_factory=list)
     sends: list[Send] = field(default_factory=list)  # written as sent: push after the commit
-    unsent: set[str] = field(default_factory=set)  # attached here, but left waiting
-    waiting: set[str] = field(default_factory=set)  # every subscription left a waiting one
+    # every subscription the batch left a delivery waiting for (the pump's to send)
+    waiting: set[str] = field(default_factory=set)
 
 
 @dataclass
 class Direct:
     """What a batch may send itself (:mod:`program_timer.events.direct`): a free window per
-    attached subscription (used up as it sends), the subscriptions attached here, and when
-    what it sends is due again if not acked."""
+    attached subscription (used up as it sends), and when what it sends is due again if not
+    acked."""
 
     quota: dict[str, int]
-    attached: frozenset[str]
     resend_at: datetime
 
 
@@ -186,8 +185,6 @@ def _record_events(
                 }
             )
             result.waiting.add(sub)
-            if direct is not None and sub in direct.attached:
-                result.unsent.add(sub)
     queries.insert_deliveries(conn, waiting)
     if sent:
         assert direct is not None
@@ -306,9 +303,9 @@ class FireLoop:
         limit = self._limit()
         direct = None
         if self._direct is not None:
-            quota, attached = self._direct.reserve()
+            quota = self._direct.reserve()
             taken = dict(quota)
-            direct = Direct(quota, attached, now + timedelta(seconds=self._ack_timeout))
+            direct = Direct(quota, now + timedelta(seconds=self._ack_timeout))
         try:
             with transaction(self._engine) as conn:
                 result = fire_batch(conn, now, limit, self._daemon_id, self._misfire_grace, direct)
@@ -321,9 +318,7 @@ class FireLoop:
                 self._direct.settle(taken)
             raise
         if self._direct is not None:
-            if result.unsent:
-                self._direct.lag(result.unsent)
-            if result.waiting:
+            if result.waiting:  # those attached here lag: no direct send overtakes them
                 self._direct.waiting(result.waiting)
             self._direct.deliver(result.sends, taken)  # committed: push them now
         return result, next_due
