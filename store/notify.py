@@ -14,7 +14,6 @@ import select
 import threading
 from collections.abc import Callable
 
-import psycopg
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 
@@ -61,6 +60,8 @@ class Listener:
             os.close(self._wake_w)
 
     def _run(self) -> None:
+        import psycopg  # here: a daemon on SQLite never listens, nor loads the driver
+
         delay = 0.5
         while not self._stop.is_set():
             try:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 import sqlalchemy as sa
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 
 from program_timer.store import queries
-from program_timer.store.db import MIGRATIONS, make_engine, upgrade
+from program_timer.store.db import MIGRATIONS, at_head, head_revision, make_engine, upgrade
+from program_timer.store.errors import StoreError
 from program_timer.store.schema import timers
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -83,5 +86,36 @@ def test_timer_of_revision_0001_survives_the_upgrade(db_url: str) -> None:
             field = "interval" if name == "interval_s" else name
             assert getattr(timer, field) == value, name
         upgrade(engine)  # at head already: nothing to do
+    finally:
+        engine.dispose()
+
+
+def test_head_revision_is_alembics_head() -> None:
+    """The start skips Alembic when the schema is at ``head_revision()``: it must be the head
+    Alembic itself would upgrade to, and every file name its revision."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", MIGRATIONS)
+    scripts = ScriptDirectory.from_config(cfg)
+    assert scripts.get_heads() == [head_revision()]
+    for script in scripts.walk_revisions():
+        assert script.path.rsplit("/", 1)[-1].startswith(f"{script.revision}_")
+
+
+def test_start_skips_alembic_only_at_head(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        _empty(engine)
+        assert not at_head(engine)  # no schema at all
+        _upgrade_to(engine, "0003")
+        assert not at_head(engine)  # an older revision: upgrade() runs the migrations
+        upgrade(engine)
+        assert at_head(engine)
+        with engine.connect() as conn:
+            assert "timer_counts" in sa.inspect(conn).get_table_names()
+        with engine.begin() as conn:  # a revision this code does not know (a newer schema)
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+        assert not at_head(engine)
+        with pytest.raises(StoreError, match="newer version"):
+            upgrade(engine)
     finally:
         engine.dispose()

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
-from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, Table
 
 Converter = Callable[[Any], Any]
@@ -56,22 +55,25 @@ def _same(value: Any) -> Any:
     return value
 
 
-def _pg_json(value: Any) -> Jsonb:
-    return Jsonb(value)
-
-
 _SQLITE: dict[str, Converter] = {
     "UTCDateTime": sqlite_datetime,
-    "JSON": _sqlite_json,
+    "JSONDoc": _sqlite_json,
     "Boolean": _sqlite_bool,
 }
-_POSTGRES: dict[str, Converter] = {"JSON": _pg_json}
+
+
+@functools.cache
+def _postgres() -> dict[str, Converter]:
+    """PostgreSQL's converters; psycopg is imported only by a daemon that uses it."""
+    from psycopg.types.json import Jsonb
+
+    return {"JSONDoc": Jsonb}
 
 
 @functools.cache
 def _converters(dialect: str, table: Table, columns: tuple[str, ...]) -> tuple[Converter, ...]:
     """One converter per column, by its type (JSONDoc is JSON, or JSONB on PostgreSQL)."""
-    by_type = _SQLITE if dialect == "sqlite" else _POSTGRES
+    by_type = _SQLITE if dialect == "sqlite" else _postgres()
     return tuple(by_type.get(type(table.c[c].type).__name__, _same) for c in columns)
 
 
@@ -111,7 +113,7 @@ def _pg_read_datetime(value: datetime | None) -> datetime | None:
 
 _SQLITE_READ: dict[str, Converter] = {
     "UTCDateTime": _sqlite_read_datetime,
-    "JSON": _sqlite_read_json,
+    "JSONDoc": _sqlite_read_json,
     "Boolean": _sqlite_read_bool,
 }
 _POSTGRES_READ: dict[str, Converter] = {"UTCDateTime": _pg_read_datetime}
