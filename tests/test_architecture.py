@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -44,13 +46,24 @@ def test_layers_point_one_way() -> None:
 
 
 def test_the_contracts_catch_an_upward_import(tmp_path: Path) -> None:
-    """The contract is not vacuous: a core module importing the store breaks it."""
-    probe = ROOT / "core" / "_probe_upward.py"
-    probe.write_text("from program_timer.store import schema\n\nprint(schema)\n")
-    try:
-        result = _run(*LINT_IMPORTS)
-    finally:
-        probe.unlink()
+    """The contract is not vacuous: a core module importing the store breaks it. The probe goes
+    into a copy of the package, never into the checkout, where the other checks (run by another
+    worker at the same time) would see it."""
+    copy = tmp_path / "program_timer"
+    shutil.copytree(ROOT / "program_timer", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "core" / "_probe_upward.py").write_text(
+        "from program_timer.store import schema\n\nprint(schema)\n"
+    )
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)  # the contracts
+    result = subprocess.run(
+        LINT_IMPORTS,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},  # the copy, ahead of the checkout
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode != 0
     assert "program_timer.core._probe_upward -> program_timer.store" in result.stdout
 
@@ -62,13 +75,19 @@ def test_ruff_check_and_format() -> None:
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
-def test_old_top_level_names_are_banned(tmp_path: Path) -> None:
-    probe = ROOT / "tests" / "_probe_old_import.py"
-    probe.write_text("from scheduler.rules import fire\n\nprint(fire)\n")
-    try:
-        check = _run(sys.executable, "-m", "ruff", "check", "--no-cache", str(probe))
-    finally:
-        probe.unlink()
+def test_old_top_level_names_are_banned() -> None:
+    """The probe is given on standard input under a name in tests/ (no file is written: the
+    other checks may be running on the checkout meanwhile)."""
+    ruff = (sys.executable, "-m", "ruff", "check", "--no-cache")
+    check = subprocess.run(
+        [*ruff, "--stdin-filename", "tests/_probe_old_import.py", "-"],
+        input="from scheduler.rules import fire\n\nprint(fire)\n",
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert check.returncode != 0
     assert "TID251" in check.stdout
 
