@@ -26,9 +26,22 @@ from program_timer.store.schema import timers
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*cmd: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _run(
+    *cmd: str,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        cmd,
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -55,15 +68,8 @@ def test_the_contracts_catch_an_upward_import(tmp_path: Path) -> None:
         "from program_timer.store import schema\n\nprint(schema)\n"
     )
     shutil.copy(ROOT / "pyproject.toml", tmp_path)  # the contracts
-    result = subprocess.run(
-        LINT_IMPORTS,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},  # the copy, ahead of the checkout
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    # PYTHONPATH: the copy, ahead of the checkout
+    result = _run(*LINT_IMPORTS, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode != 0
     assert "program_timer.core._probe_upward -> program_timer.store" in result.stdout
 
@@ -78,15 +84,10 @@ def test_ruff_check_and_format() -> None:
 def test_old_top_level_names_are_banned() -> None:
     """The probe is given on standard input under a name in tests/ (no file is written: the
     other checks may be running on the checkout meanwhile)."""
-    ruff = (sys.executable, "-m", "ruff", "check", "--no-cache")
-    check = subprocess.run(
-        [*ruff, "--stdin-filename", "tests/_probe_old_import.py", "-"],
-        input="from scheduler.rules import fire\n\nprint(fire)\n",
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    check = _run(
+        *(sys.executable, "-m", "ruff", "check", "--no-cache"),
+        *("--stdin-filename", "tests/_probe_old_import.py", "-"),
+        stdin="from scheduler.rules import fire\n\nprint(fire)\n",
     )
     assert check.returncode != 0
     assert "TID251" in check.stdout
