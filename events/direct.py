@@ -163,8 +163,25 @@ class DirectSends:
                     self._free[sid] += max(0, n - used.get(sid, 0))
 
     def deliver(self, sends: list[Send], taken: dict[str, int]) -> None:
-        """After the batch committed: push its sends and settle ``taken``."""
+        """After the batch committed: free at once the part of ``taken`` it did not use, and
+        hand its sends to be pushed with the rest, settled once they are in flight.
+
+        A batch reserves each subscription's whole free window before it knows what is due.
+        Were it all held until the event loop has pushed, the next batch (a millisecond later
+        at a steady rate) would find no window, leave its deliveries waiting in the database
+        and make the subscription lag: the pump's read, mark and push instead of a direct
+        send. What was used stays reserved until the push makes it in flight, so the pump
+        never fills the same window twice."""
+        used: dict[str, int] = {}
+        for send in sends:
+            used[send.subscription_id] = used.get(send.subscription_id, 0) + 1
+        unused = {sid: n - used.get(sid, 0) for sid, n in taken.items() if n > used.get(sid, 0)}
+        if unused:
+            self.settle(unused)
+        if not sends:
+            return  # nothing to push: no wake-up of the event loop
+        held = {sid: min(n, used[sid]) for sid, n in taken.items() if sid in used}
         if self._deliver is None:
-            self.settle(taken)
+            self.settle(held)
         else:
-            self._deliver(sends, taken)
+            self._deliver(sends, held)

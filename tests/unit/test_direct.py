@@ -3,7 +3,7 @@ them and fire batches do not overtake what waits for them in the database."""
 
 from __future__ import annotations
 
-from program_timer.events.direct import DirectSends
+from program_timer.events.direct import DirectSends, Send
 
 
 def test_a_joined_subscription_lags_until_drained_and_gets_no_direct_sends_meanwhile() -> None:
@@ -47,3 +47,39 @@ def test_turned_on_again_every_attached_subscription_lags_first() -> None:
     assert not d.lagging("s")
     d.enabled = True
     assert d.lagging("s")
+
+
+def _ready(d: DirectSends, free: int) -> None:
+    d.joined("s")
+    d.drained("s", d.generation("s"))
+    d.refresh({"s": free})
+
+
+def test_what_a_batch_did_not_send_is_free_for_the_next_batch_before_its_push() -> None:
+    d = DirectSends()
+    _ready(d, 10)
+    pushed: list[tuple[list[Send], dict[str, int]]] = []
+    d.attach(lambda sends, held: pushed.append((sends, held)))
+    taken = d.reserve()
+    assert taken == {"s": 10} and d.reserve() == {}  # the window is the batch's while it runs
+    sends = [Send("s", 1, {}), Send("s", 2, {})]
+    d.deliver(sends, taken)
+    # the next batch (a millisecond later at a steady rate) gets the 8 left, though the event
+    # loop has not pushed yet: the 2 sent stay reserved, so the pump cannot fill them twice
+    assert pushed == [(sends, {"s": 2})]
+    assert d.reserved("s") == 2
+    assert d.reserve() == {"s": 8}
+    d.settle({"s": 8})  # that batch fired nothing
+    d.settle(pushed[0][1], {"s": 2})  # the event loop pushed both
+    assert d.reserved("s") == 0
+    assert d.reserve() == {"s": 8}  # in flight now: the pump's next refresh counts them
+
+
+def test_a_batch_that_sent_nothing_frees_its_window_and_does_not_wake_the_event_loop() -> None:
+    d = DirectSends()
+    _ready(d, 5)
+    pushed: list[object] = []
+    d.attach(lambda sends, held: pushed.append(sends))
+    d.deliver([], d.reserve())
+    assert pushed == [] and d.reserved("s") == 0
+    assert d.reserve() == {"s": 5}
