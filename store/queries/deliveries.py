@@ -13,10 +13,8 @@ from sqlalchemy import (
     Table,
     delete,
     exists,
-    func,
     or_,
     select,
-    text,
     update,
 )
 
@@ -42,16 +40,19 @@ def _allocate_ids(conn: Connection, table: Table, n: int) -> list[int]:
     if n <= 0:
         return []
     if conn.dialect.name == "postgresql":
-        rows = conn.execute(
-            text(
-                f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id')) "
-                "FROM generate_series(1, :n)"
-            ),
-            {"n": n},
-        )
+        rows = driver.fetch(conn, _NEXT_IDS[table.name], (n,))
         return [r[0] for r in rows]
-    top = conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar() or 0
+    top = driver.fetch(conn, _MAX_ID[table.name])[0][0]
     return list(range(top + 1, top + 1 + n))
+
+
+_NEXT_IDS: Final = {
+    t: f"SELECT nextval(pg_get_serial_sequence('{t}', 'id')) FROM generate_series(1, ?)"
+    for t in (events.name, deliveries.name)
+}
+_MAX_ID: Final = {
+    t: f"SELECT coalesce(max(id), 0) FROM {t}" for t in (events.name, deliveries.name)
+}
 
 
 def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:

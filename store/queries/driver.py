@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, Row, Table
 
 Converter = Callable[[Any], Any]
 
@@ -159,6 +159,28 @@ def execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
         sql = sql.replace("?", "%s")
     result = conn.exec_driver_sql(sql, tuple(param(conn, p) for p in params))
     return int(result.rowcount)
+
+
+def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Sequence[Row[Any]]:
+    """The rows of one query with ``?`` parameters (``%s`` on PostgreSQL), as the driver gives
+    the values (no column type conversion: see :func:`read_datetime`). Run once per fire
+    batch, a Core ``select`` cost more to build and compile than the query took."""
+    if conn.dialect.name != "sqlite":
+        sql = _postgres_marks(sql)
+    return conn.exec_driver_sql(sql, tuple(params)).fetchall()
+
+
+@functools.cache
+def _postgres_marks(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+def read_datetime(conn: Connection, value: Any) -> datetime | None:
+    """A UTCDateTime column's value as the driver gave it (SQLite: text), as an aware UTC
+    datetime."""
+    if conn.dialect.name == "sqlite":
+        return _sqlite_read_datetime(value)
+    return _pg_read_datetime(value)
 
 
 # Writing ----------------------------------------------------------------------------------

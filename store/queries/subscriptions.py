@@ -8,12 +8,16 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, delete, insert, select, update
 
+from program_timer.store.queries import driver
 from program_timer.store.queries.operators import delivery_counts, inflight_count
 from program_timer.store.schema import daemons, deliveries, subscriptions
 
 
-def all_subscriptions(conn: Connection) -> list[Row[Any]]:
-    return list(conn.execute(select(subscriptions)))
+def all_subscriptions(conn: Connection) -> Sequence[Row[Any]]:
+    """Every subscription's id and filter (what routing needs; read by every fire batch)."""
+    return driver.fetch(
+        conn, "SELECT subscription_id, filter_connector_idn, filter_persona_id FROM subscriptions"
+    )
 
 
 def subscription_figures(conn: Connection, now: datetime) -> list[dict[str, Any]]:

@@ -132,13 +132,11 @@ def list_timers(conn: Connection, persona_id: str, after: str | None, limit: int
 
 
 def next_due_at(conn: Connection) -> datetime | None:
-    result: datetime | None = conn.execute(
-        select(timers.c.due_at)
-        .where(timers.c.due_at.is_not(None))
-        .order_by(timers.c.due_at)
-        .limit(1)
-    ).scalar()
-    return result
+    """When the earliest timer is due (after every fire batch: plain SQL)."""
+    rows = driver.fetch(
+        conn, "SELECT due_at FROM timers WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+    )
+    return driver.read_datetime(conn, rows[0][0]) if rows else None
 
 
 def claim_due(conn: Connection, now: datetime, limit: int) -> list[Timer]:
