@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import common as bench_common  # noqa: E402
+from bench import fire_batch as bench_fire_batch  # noqa: E402
 from bench import multi as bench_multi  # noqa: E402
 from bench import run as bench_run  # noqa: E402
 from bench.report import format_table  # noqa: E402
@@ -153,3 +154,24 @@ def test_command_line_refuses_unknown_options() -> None:
     with pytest.raises(SystemExit) as exc:
         bench_run.main(["--scenarios", "nope"])
     assert exc.value.code == 2
+
+
+def test_fire_batch_fires_one_timer_per_transaction_and_sends_it(tmp_path: Path) -> None:
+    from sqlalchemy import func, select
+
+    from program_timer.store.db import make_engine
+    from program_timer.store.schema import deliveries, events, timers
+
+    url = bench_common.Database("sqlite", tmp_path).fresh("batch")
+    times = bench_fire_batch.measure(url, 20)  # raises unless each batch fired and sent one
+    assert len(times) == 20 and all(t > 0 for t in times)
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(events)).scalar() == 20
+            sent = select(func.count()).where(deliveries.c.sent_at.is_not(None))
+            assert conn.execute(sent).scalar() == 20
+            due = select(func.count()).where(timers.c.due_at.is_not(None))
+            assert conn.execute(due).scalar() == 0
+    finally:
+        engine.dispose()

@@ -1,0 +1,106 @@
+"""The cost of one small fire batch, in process: what a steady rate pays per fire.
+
+    python -m bench.fire_batch                      # SQLite, 3,000 batches
+    python -m bench.fire_batch --db postgres --n 2000
+
+At a steady rate every fire is its own batch (``scheduler/firing.py``: a timer due within a few
+milliseconds is waited for and fired alone), so the fixed cost of a batch is the floor under
+the steady rows' lateness and read latency. This runs the daemon's own :func:`fire_batch` and
+``next_due_at`` in a loop, one due one-shot timer per transaction, with one attached
+subscription taking direct sends, and prints the time per batch, commit included. No socket,
+no threads: the figure is the store path alone, steadier than the daemon's rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from bench.common import DEFAULT_PG_ADMIN, Database
+from program_timer.core import rules
+from program_timer.core.model import Limits, SetCommand
+from program_timer.scheduler.firing import Direct, fire_batch
+from program_timer.store import queries
+from program_timer.store.db import make_engine, transaction
+
+
+def measure(url: str, n: int) -> list[float]:
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+    try:
+        with transaction(engine) as conn:
+            queries.upsert_subscription(
+                conn,
+                {
+                    "subscription_id": "bench",
+                    "flow_instance_id": "bench",
+                    "filter_connector_idn": None,
+                    "filter_persona_id": None,
+                    "attached_to": "bench",
+                    "attached_at": now,
+                    "created_at": now,
+                },
+            )
+            due = now - timedelta(seconds=10)
+            queries.insert_timers(
+                conn,
+                [
+                    rules.apply_set(
+                        None,
+                        SetCommand(
+                            persona_id=f"p{i % 50}",
+                            timer_name=f"t{i}",
+                            connector_idn="bench",
+                            command_act_id=f"a{i}",
+                            fire_at=due + timedelta(microseconds=i),
+                            given=frozenset({"fireAt"}),
+                        ),
+                        due - timedelta(seconds=1),
+                        Limits(),
+                    )[0]
+                    for i in range(n)
+                ],
+            )
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            with transaction(engine) as conn:
+                result = fire_batch(
+                    conn, datetime.now(UTC), 1, "bench", None, Direct({"bench": 1}, now)
+                )
+                queries.next_due_at(conn)
+            times.append(time.perf_counter() - started)
+            if result.fired != 1 or len(result.sends) != 1:
+                raise RuntimeError(f"a batch fired {result.fired}, sent {len(result.sends)}")
+        return times
+    finally:
+        engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgres"])
+    parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--pg-url", default=DEFAULT_PG_ADMIN)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pt-batch-") as folder:
+        db = Database(args.db, Path(folder), args.pg_url)
+        try:
+            db.setup()
+            times = sorted(measure(db.fresh("batch"), args.n))
+        finally:
+            db.cleanup()
+    us = [t * 1e6 for t in times]
+    print(
+        f"{args.db}: one-fire batch, commit included, {args.n} batches: "
+        f"median {statistics.median(us):,.0f} us, mean {statistics.mean(us):,.0f} us, "
+        f"p90 {us[int(len(us) * 0.9)]:,.0f} us"
+    )
+
+
+if __name__ == "__main__":
+    main()
