@@ -156,7 +156,7 @@ def param(conn: Connection, value: Any) -> Any:
 def execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
     """One statement with ``?`` parameters (``%s`` on PostgreSQL); the rows it changed."""
     if conn.dialect.name != "sqlite":
-        sql = sql.replace("?", "%s")
+        sql = _postgres_marks(sql)
     result = conn.exec_driver_sql(sql, tuple(param(conn, p) for p in params))
     return int(result.rowcount)
 
@@ -170,7 +170,7 @@ def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Sequence[Ro
     return conn.exec_driver_sql(sql, tuple(params)).fetchall()
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1024)  # statements with a chunk's worth of marks vary in length
 def _postgres_marks(sql: str) -> str:
     return sql.replace("?", "%s")
 
