@@ -17,6 +17,7 @@ from program_timer.scheduler.firing import fire_batch
 from program_timer.scheduler.protocol import CommandRequest
 from program_timer.store import queries
 from program_timer.store.db import transaction
+from program_timer.store.errors import Conflict, StoreUnavailable
 from program_timer.store.schema import deliveries, events, timers
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -354,3 +355,61 @@ def test_fire_batches_shrink_while_commands_come(engine: Engine, commands_coming
     assert metrics.fires == 101
     per_batch = 40 // SHARED_FRACTION if commands_coming else 40
     assert metrics.batches == -(-101 // per_batch)  # full batches, then the rest
+
+
+def _event_row(event_id: int, now: datetime) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "external_event_id": str(uuid.uuid4()),
+        "persona_id": "p",
+        "timer_name": "t",
+        "connector_idn": "conn",
+        "command_act_id": "act",
+        "scheduled_at": now,
+        "fired_at": now,
+        "fire_count": 1,
+        "missed_count": 0,
+        "arguments": {},
+        "routed": 0,
+        "fired_by": "test",
+    }
+
+
+def test_a_duplicate_in_the_fire_paths_bulk_insert_is_a_conflict(engine: Engine) -> None:
+    """The events and deliveries of a fire go in by ``executemany`` (SQLite) or ``COPY``
+    (PostgreSQL, on psycopg's own connection): a failure there reaches the store's error
+    policy as any other statement's does, a duplicate as a Conflict (retried), not as an
+    unexplained driver exception (logged as a bug)."""
+    with transaction(engine) as conn:
+        queries.insert_events(conn, [_event_row(7, T0)])
+    with pytest.raises(Conflict), transaction(engine) as conn:
+        queries.insert_events(conn, [_event_row(7, T0)])
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(events)).scalar() == 1
+
+
+@pytest.mark.postgres
+def test_a_server_lost_during_copy_is_unavailable_and_the_next_transaction_works(
+    pg_url: str,
+) -> None:
+    """The server side of the connection dies inside a fire's transaction, at its ``COPY``:
+    the caller sees ``StoreUnavailable`` (the outage policy), and the dead connection does not
+    come back from the pool."""
+    import psycopg
+
+    from program_timer.store.db import make_engine, upgrade
+
+    engine = make_engine(pg_url)
+    try:
+        upgrade(engine)
+        with pytest.raises(StoreUnavailable), transaction(engine) as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            queries.insert_events(conn, [_event_row(8, T0)])
+        with transaction(engine) as conn:  # the dead connection left the pool
+            queries.insert_events(conn, [_event_row(9, T0)])
+        with engine.connect() as conn:
+            assert conn.execute(select(events.c.id)).scalars().all() == [9]
+    finally:
+        engine.dispose()

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import orjson
 from sqlalchemy import Connection, Row, Table
+from sqlalchemy import exc as sa_exc
 
 Converter = Callable[[Any], Any]
 
@@ -197,14 +198,35 @@ def insert_rows(
     dialect = conn.dialect.name
     conv = _converters(dialect, table, columns)
     if dialect == "postgresql":
-        raw: Any = conn.connection.dbapi_connection  # psycopg's own connection: it has COPY
-        sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
-        with raw.cursor() as cur, cur.copy(sql) as copy:
-            for row in rows:
-                copy.write_row([f(v) for f, v in zip(conv, row, strict=True)])
+        _copy_rows(conn, f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", conv, rows)
         return
     params = [tuple(f(v) for f, v in zip(conv, row, strict=True)) for row in rows]
     conn.exec_driver_sql(_insert_sql(dialect, table.name, columns), params)
+
+
+def _copy_rows(
+    conn: Connection, sql: str, conv: Sequence[Converter], rows: Sequence[Sequence[Any]]
+) -> None:
+    """``COPY … FROM STDIN`` on psycopg's own connection. Its errors come from the driver
+    itself, not through SQLAlchemy: they are wrapped here as SQLAlchemy wraps a statement's
+    (and the connection invalidated when it is gone), so that the store's error policy
+    (``db.translate_errors``) sees them like any other: a duplicate is a ``Conflict``, a lost
+    server ``StoreUnavailable``, not an unexplained exception."""
+    import psycopg
+
+    raw: Any = conn.connection.dbapi_connection
+    try:
+        with raw.cursor() as cur, cur.copy(sql) as copy:
+            for row in rows:
+                copy.write_row([f(v) for f, v in zip(conv, row, strict=True)])
+    except psycopg.Error as exc:
+        orig: Any = exc  # SQLAlchemy types it as its DBAPI protocol's Error
+        gone = conn.dialect.is_disconnect(orig, raw, None)
+        if gone:
+            conn.invalidate(exc)
+        raise sa_exc.DBAPIError.instance(
+            sql, None, exc, psycopg.Error, connection_invalidated=gone, dialect=conn.dialect
+        ) from exc
 
 
 def update_rows(
