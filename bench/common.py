@@ -7,6 +7,7 @@ the last event committed) are wall-clock UTC epoch seconds: both sides read the 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -16,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -286,6 +288,29 @@ class Database:
             return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
         finally:
             conn.close()
+
+
+def one_database_args(description: str, n: int) -> argparse.Namespace:
+    """The command line of a measure on one database: ``--db``, ``--n`` (default ``n``) and
+    ``--pg-url``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgres"])
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--pg-url", default=DEFAULT_PG_ADMIN)
+    return parser.parse_args()
+
+
+@contextlib.contextmanager
+def scratch_database(kind: str, pg_url: str, label: str) -> Iterator[tuple[str, Path]]:
+    """A migrated database of ``kind`` in a temporary folder (PostgreSQL: a database of its own
+    on ``pg_url``), dropped afterwards; yields its URL and the folder."""
+    with tempfile.TemporaryDirectory(prefix=f"pt-{label}-") as folder:
+        db = Database(kind, Path(folder), pg_url)
+        try:
+            db.setup()
+            yield db.fresh(label), Path(folder)
+        finally:
+            db.cleanup()
 
 
 def _libpq_url(url: str) -> str:

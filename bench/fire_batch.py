@@ -13,14 +13,11 @@ no threads: the figure is the store path alone, steadier than the daemon's rows.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from bench.common import DEFAULT_PG_ADMIN, Database
+from bench.common import one_database_args, scratch_database
 from program_timer.core import rules
 from program_timer.core.model import Limits, SetCommand
 from program_timer.scheduler.firing import Direct, fire_batch
@@ -82,18 +79,9 @@ def measure(url: str, n: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgres"])
-    parser.add_argument("--n", type=int, default=3000)
-    parser.add_argument("--pg-url", default=DEFAULT_PG_ADMIN)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pt-batch-") as folder:
-        db = Database(args.db, Path(folder), args.pg_url)
-        try:
-            db.setup()
-            times = sorted(measure(db.fresh("batch"), args.n))
-        finally:
-            db.cleanup()
+    args = one_database_args(__doc__.splitlines()[0], 3000)
+    with scratch_database(args.db, args.pg_url, "batch") as (url, _):
+        times = sorted(measure(url, args.n))
     us = [t * 1e6 for t in times]
     print(
         f"{args.db}: one-fire batch, commit included, {args.n} batches: "

@@ -11,12 +11,10 @@ store; ``python -m bench.scale`` measures the same on millions of stored timers.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 from pathlib import Path
 
-from bench.common import DEFAULT_PG_ADMIN, Daemon, Database
+from bench.common import Daemon, one_database_args, scratch_database
 
 
 def measure(url: str, workdir: Path, n: int) -> list[float]:
@@ -31,18 +29,9 @@ def measure(url: str, workdir: Path, n: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgres"])
-    parser.add_argument("--n", type=int, default=6)
-    parser.add_argument("--pg-url", default=DEFAULT_PG_ADMIN)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pt-start-") as folder:
-        db = Database(args.db, Path(folder), args.pg_url)
-        try:
-            db.setup()
-            times = measure(db.fresh("start"), Path(folder), args.n)
-        finally:
-            db.cleanup()
+    args = one_database_args(__doc__.splitlines()[0], 6)
+    with scratch_database(args.db, args.pg_url, "start") as (url, folder):
+        times = measure(url, folder, args.n)
     print(
         f"{args.db}: start to first ping, restart on an existing database, median of {args.n}: "
         f"{statistics.median(times):.2f} s (min {min(times):.2f}, max {max(times):.2f})"
