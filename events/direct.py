@@ -180,8 +180,8 @@ class DirectSends:
             self.settle(unused)
         if not sends:
             return  # nothing to push: no wake-up of the event loop
-        held = {sid: min(n, used[sid]) for sid, n in taken.items() if sid in used}
+        # What was sent (always within what was taken) stays reserved until pushed.
         if self._deliver is None:
-            self.settle(held)
+            self.settle(used)
         else:
-            self._deliver(sends, held)
+            self._deliver(sends, used)
