@@ -1,14 +1,13 @@
 """Engines, transactions, migrations, driver-error translation and the database's health.
 
 SQLite's particulars (WAL, ``BEGIN IMMEDIATE``, the writer queue, the single-daemon lock, the
-file's identity) are in :mod:`program_timer.store.sqlite`. PostgreSQL: psycopg 3, with every
-wait bounded (:func:`_postgres_engine`), so an outage is noticed instead of hanging.
+file's identity) are in :mod:`program_timer.store.sqlite`; PostgreSQL's (psycopg 3, every wait
+bounded, a pooled connection checked before use) in :mod:`program_timer.store.postgres`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -16,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc as sa_exc
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL, make_url
 
 from program_timer.core.logs import get_logger
-from program_timer.store import sqlite
+from program_timer.store import postgres, sqlite
 from program_timer.store.errors import Conflict, StoreError, StoreUnavailable
-from program_timer.store.queries import driver
 
 MIGRATIONS = str(Path(__file__).parent / "migrations")
 
@@ -43,7 +41,7 @@ def make_engine(
     url: str, *, pool_size: int = 4, name: str = "program-timer", timeout: float = 30.0
 ) -> Engine:
     """An engine whose every wait on the database is bounded by ``timeout`` seconds (connect,
-    a pooled connection, a lock, a statement; see :func:`_postgres_engine`).
+    a pooled connection, a lock, a statement; see :func:`program_timer.store.postgres.engine`).
 
     ``name`` becomes PostgreSQL's ``application_name``: the daemon's id, so the sessions
     holding its fire claims (row locks) are visible as its own in ``pg_stat_activity``."""
@@ -54,39 +52,8 @@ def make_engine(
         _WRITE_LOCKS[engine] = sqlite.FairLock()
         return engine
     if backend == "postgresql":
-        return _postgres_engine(parsed, pool_size=pool_size, name=name, timeout=timeout)
+        return postgres.engine(parsed, pool_size=pool_size, name=name, timeout=timeout)
     raise ValueError(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
-
-
-def _postgres_engine(parsed: URL, *, pool_size: int, name: str, timeout: float) -> Engine:
-    """psycopg 3 with every wait bounded: ``connect_timeout`` and ``pool_timeout`` for a
-    connection, ``statement_timeout`` and ``lock_timeout`` for the server's own work,
-    ``tcp_user_timeout`` and keepalives for a peer that stopped answering. (A server frozen
-    whole, e.g. by SIGSTOP, still has its kernel acknowledging the packets: only the deadline
-    each request has in the daemon bounds that.)"""
-    ms = max(1, int(timeout * 1000))
-    return create_engine(
-        parsed,
-        json_serializer=driver.json_dumps,
-        json_deserializer=driver.json_loads,
-        pool_size=pool_size,
-        max_overflow=4,
-        pool_pre_ping=True,
-        pool_timeout=timeout,
-        connect_args={
-            "connect_timeout": max(2, math.ceil(timeout)),
-            "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 3,
-            "tcp_user_timeout": ms,
-            "application_name": name[:63],
-            "options": (
-                "-c idle_in_transaction_session_timeout=60000"
-                f" -c statement_timeout={ms} -c lock_timeout={ms}"
-            ),
-        },
-    )
 
 
 def read_modify_write(engine: Engine) -> Engine:

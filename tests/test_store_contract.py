@@ -4,6 +4,7 @@ timer together), and wall-clock jumps neither lose nor repeat fires."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -411,5 +412,43 @@ def test_a_server_lost_during_copy_is_unavailable_and_the_next_transaction_works
             queries.insert_events(conn, [_event_row(9, T0)])
         with engine.connect() as conn:
             assert conn.execute(select(events.c.id)).scalars().all() == [9]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_pooled_connections_whose_sessions_ended_are_replaced_before_use(pg_url: str) -> None:
+    """The server ends every idle session of the pool (as a restart or a failover does): the
+    next transactions run on new connections and never see the dead ones, although a healthy
+    pooled connection is used without a ping (``store/postgres.py``)."""
+    import psycopg
+
+    from program_timer.store import postgres
+    from program_timer.store.db import make_engine, upgrade
+
+    engine = make_engine(pg_url, pool_size=3)
+    try:
+        upgrade(engine)
+        pids = set()
+        with transaction(engine) as a, transaction(engine) as b, transaction(engine) as c:
+            for conn in (a, b, c):
+                pids.add(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar())
+                assert postgres.quiet(conn.connection.dbapi_connection)
+        with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
+            for pid in pids:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            for _ in range(100):  # until the server has ended them all
+                left = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (list(pids),)
+                ).fetchone()
+                if left == (0,):
+                    break
+                time.sleep(0.02)
+        with transaction(engine) as a, transaction(engine) as b, transaction(engine) as c:
+            for i, conn in enumerate((a, b, c)):
+                assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() not in pids
+                queries.insert_events(conn, [_event_row(10 + i, T0)])
+        with engine.connect() as conn:
+            assert conn.execute(select(events.c.id)).scalars().all() == [10, 11, 12]
     finally:
         engine.dispose()
