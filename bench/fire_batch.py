@@ -6,9 +6,10 @@
 At a steady rate every fire is its own batch (``scheduler/firing.py``: a timer due within a few
 milliseconds is waited for and fired alone), so the fixed cost of a batch is the floor under
 the steady rows' lateness and read latency. This runs the daemon's own :func:`fire_batch` and
-``next_due_at`` in a loop, one due one-shot timer per transaction, with one attached
-subscription taking direct sends, and prints the time per batch, commit included. No socket,
-no threads: the figure is the store path alone, steadier than the daemon's rows.
+``next_due_at`` in a loop (in a pipeline on PostgreSQL, as the daemon does), one due one-shot
+timer per transaction, with one attached subscription taking direct sends, and prints the time
+per batch, commit included. No socket, no threads: the figure is the store path alone,
+steadier than the daemon's rows.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def measure(url: str, n: int) -> list[float]:
         times = []
         for _ in range(n):
             started = time.perf_counter()
-            with transaction(engine) as conn:
+            with transaction(engine) as conn, queries.pipeline(conn):
                 result = fire_batch(
                     conn, datetime.now(UTC), 1, "bench", None, Direct({"bench": 1}, now)
                 )

@@ -72,11 +72,11 @@ def fire_batch(
     direct: Direct | None = None,
 ) -> BatchResult:
     """Fire up to ``limit`` timers due at ``now`` inside the caller's transaction."""
-    due = queries.claim_due(conn, now, limit)
+    due, subscriptions = queries.claim_due(conn, now, limit)
     result = BatchResult(claimed=len(due), limit=limit)
     if not due:
         return result
-    router = Router(queries.all_subscriptions(conn))
+    router = Router(subscriptions)
     now_iso = utc_iso(now)
     external_ids = iter(uuid4_strings(len(due)))
     timer_updates: list[dict[str, Any]] = []
@@ -161,54 +161,44 @@ def _record_events(
     result: BatchResult,
 ) -> None:
     """Insert the events and one delivery per (event, matching subscription): written as sent
-    for subscriptions this batch sends to itself, waiting for the pump otherwise."""
-    event_ids = queries.allocate_event_ids(conn, len(event_rows))
+    for subscriptions this batch sends to itself, waiting for the pump otherwise. Ids come
+    first, in one query: a delivery names its event, and a sent one is pushed by its id."""
+    quota = direct.quota if direct is not None else {}
+    routed: list[tuple[dict[str, Any], str, bool]] = []  # (event row, subscription, sent)
+    for row, subs in zip(event_rows, routes, strict=True):
+        for sub in subs:
+            sent = quota.get(sub, 0) > 0
+            if sent:
+                quota[sub] -= 1
+            else:
+                result.waiting.add(sub)
+            routed.append((row, sub, sent))
+    event_ids, delivery_ids = queries.allocate_ids(conn, len(event_rows), len(routed))
     for row, event_id in zip(event_rows, event_ids, strict=True):
         row["id"] = event_id
     queries.insert_events(conn, event_rows)
-    waiting: list[dict[str, Any]] = []
-    sent: list[tuple[dict[str, Any], str]] = []  # (event row, subscription)
-    quota = direct.quota if direct is not None else {}
-    for row, subs in zip(event_rows, routes, strict=True):
-        for sub in subs:
-            if quota.get(sub, 0) > 0:
-                quota[sub] -= 1
-                sent.append((row, sub))
-                continue
-            waiting.append(
-                {
-                    "subscription_id": sub,
-                    "event_id": row["id"],
-                    "attempt": 0,
-                    "next_attempt_at": now,
-                    "created_at": now,
-                }
-            )
-            result.waiting.add(sub)
-    queries.insert_deliveries(conn, waiting)
-    if sent:
-        assert direct is not None
-        ids = queries.allocate_delivery_ids(conn, len(sent))
-        queries.insert_deliveries(
-            conn,
-            [
-                {
-                    "id": delivery_id,
-                    "subscription_id": sub,
-                    "event_id": row["id"],
-                    "attempt": 1,
-                    "next_attempt_at": direct.resend_at,
-                    "sent_at": now,
-                    "created_at": now,
-                }
-                for (row, sub), delivery_id in zip(sent, ids, strict=True)
-            ],
-        )
-        result.sends = [
-            Send(sub, delivery_id, _event_of(row))
-            for (row, sub), delivery_id in zip(sent, ids, strict=True)
-        ]
-    result.deliveries = len(waiting) + len(sent)
+    resend_at = direct.resend_at if direct is not None else now
+    queries.insert_deliveries(
+        conn,
+        [
+            {
+                "id": delivery_id,
+                "subscription_id": sub,
+                "event_id": row["id"],
+                "attempt": 1 if sent else 0,
+                "next_attempt_at": resend_at if sent else now,
+                "sent_at": now if sent else None,
+                "created_at": now,
+            }
+            for (row, sub, sent), delivery_id in zip(routed, delivery_ids, strict=True)
+        ],
+    )
+    result.sends = [
+        Send(sub, delivery_id, _event_of(row))
+        for (row, sub, sent), delivery_id in zip(routed, delivery_ids, strict=True)
+        if sent
+    ]
+    result.deliveries = len(routed)
 
 
 def _event_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +297,7 @@ class FireLoop:
             taken = dict(quota)
             direct = Direct(quota, now + timedelta(seconds=self._ack_timeout))
         try:
-            with transaction(self._engine) as conn:
+            with transaction(self._engine) as conn, queries.pipeline(conn):
                 result = fire_batch(conn, now, limit, self._daemon_id, self._misfire_grace, direct)
                 if result.deliveries > len(result.sends):
                     notify(conn, DELIVERIES, self._daemon_id)

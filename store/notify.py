@@ -14,10 +14,11 @@ import select
 import threading
 from collections.abc import Callable
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 
 from program_timer.core.logs import get_logger
+from program_timer.store.queries import driver
 
 WAKEUP = "program_timer_wakeup"
 DELIVERIES = "program_timer_deliveries"
@@ -28,9 +29,7 @@ log = get_logger()
 def notify(conn: Connection, channel: str, sender: str) -> None:
     """Queue a notification; PostgreSQL delivers it when the transaction commits."""
     if conn.dialect.name == "postgresql":
-        conn.execute(
-            text("SELECT pg_notify(:channel, :sender)"), {"channel": channel, "sender": sender}
-        )
+        driver.execute(conn, "SELECT pg_notify(?, ?)", (channel, sender))
 
 
 class Listener:

@@ -14,11 +14,12 @@ from sqlalchemy import Engine, func, select
 
 from program_timer.core.clock import FakeClock
 from program_timer.scheduler.commands import CommandSettings, apply_batch
-from program_timer.scheduler.firing import fire_batch
+from program_timer.scheduler.firing import Direct, fire_batch
 from program_timer.scheduler.protocol import CommandRequest
 from program_timer.store import queries
 from program_timer.store.db import transaction
 from program_timer.store.errors import Conflict, StoreUnavailable
+from program_timer.store.queries import driver
 from program_timer.store.schema import deliveries, events, timers
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -45,9 +46,12 @@ def run(
         return apply_batch(conn, list(requests), settings or CommandSettings(), clock.now())
 
 
-def fire(engine: Engine, clock: FakeClock, grace: float | None = None) -> Any:
-    with transaction(engine) as conn:
-        return fire_batch(conn, clock.now(), 1000, "test", grace)
+def fire(
+    engine: Engine, clock: FakeClock, grace: float | None = None, direct: Direct | None = None
+) -> Any:
+    """One fire batch as the daemon runs it: in a pipeline on PostgreSQL."""
+    with transaction(engine) as conn, queries.pipeline(conn):
+        return fire_batch(conn, clock.now(), 1000, "test", grace, direct)
 
 
 def event_rows(engine: Engine, name: str | None = None) -> list[Any]:
@@ -450,5 +454,101 @@ def test_pooled_connections_whose_sessions_ended_are_replaced_before_use(pg_url:
                 queries.insert_events(conn, [_event_row(10 + i, T0)])
         with engine.connect() as conn:
             assert conn.execute(select(events.c.id)).scalars().all() == [10, 11, 12]
+    finally:
+        engine.dispose()
+
+
+def _subscribe(engine: Engine, sub: str) -> None:
+    with transaction(engine) as conn:
+        queries.upsert_subscription(
+            conn,
+            {
+                "subscription_id": sub,
+                "flow_instance_id": sub,
+                "filter_connector_idn": None,
+                "filter_persona_id": None,
+                "created_at": T0,
+                "attached_to": "test",
+                "attached_at": T0,
+            },
+        )
+
+
+@pytest.mark.parametrize("n", [3, driver.PIPELINE_ROWS * 3])
+def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engine, n: int) -> None:
+    """Small batches go out as one pipeline of statements on PostgreSQL, larger ones leave it
+    for ``COPY`` half-way: either way every event is written with one delivery per
+    subscription, those the batch sends itself marked sent (and pushed by their ids), the rest
+    waiting for the pump, each delivery naming its event, ids in event order."""
+    clock = FakeClock(T0)
+    _subscribe(engine, "a")
+    _subscribe(engine, "b")
+    run(
+        engine,
+        clock,
+        *(
+            req(personaId="p", timerName=f"t{i:03}", fireAt="2026-03-01T12:00:05Z")
+            for i in range(n)
+        ),
+    )
+    clock.advance(10)
+    window = n // 2
+    result = fire(engine, clock, direct=Direct({"a": window}, T0 + timedelta(seconds=40)))
+    assert result.fired == n and result.deliveries == 2 * n
+    assert [s.subscription_id for s in result.sends] == ["a"] * window
+    assert result.waiting == {"a", "b"}
+    with engine.connect() as conn:
+        evs = {e.id: e for e in conn.execute(select(events))}
+        rows = list(conn.execute(select(deliveries).order_by(deliveries.c.id)))
+    assert len(evs) == n and len(rows) == 2 * n
+    sent = {(s.delivery_id, s.event["externalEventId"]) for s in result.sends}
+    assert sent == {(d.id, evs[d.event_id].external_event_id) for d in rows if d.sent_at}
+    for d in rows:
+        if d.sent_at is not None:
+            assert d.subscription_id == "a" and d.attempt == 1
+        else:
+            assert d.attempt == 0 and d.next_attempt_at == clock.now()
+    assert [d.event_id for d in rows if d.subscription_id == "a"] == sorted(evs)
+
+
+@pytest.mark.parametrize("read_after", [True, False])
+def test_an_error_inside_a_pipeline_is_a_store_error_and_nothing_is_kept(
+    engine: Engine, read_after: bool
+) -> None:
+    """In a pipeline a statement's error comes back later than the statement: at the next
+    read, or at the block's end. Either way it reaches the error policy as any other (a
+    duplicate is a Conflict), and the whole transaction is rolled back."""
+    with transaction(engine) as conn:
+        queries.insert_events(conn, [_event_row(20, T0)])
+    with pytest.raises(Conflict), transaction(engine) as conn, queries.pipeline(conn):
+        queries.insert_events(conn, [_event_row(21, T0)])
+        queries.insert_events(conn, [_event_row(20, T0)])  # a duplicate id
+        if read_after:
+            queries.next_due_at(conn)
+    with engine.connect() as conn:
+        assert conn.execute(select(events.c.id)).scalars().all() == [20]
+
+
+@pytest.mark.postgres
+def test_a_server_lost_inside_a_pipeline_is_unavailable_and_the_next_transaction_works(
+    pg_url: str,
+) -> None:
+    import psycopg
+
+    from program_timer.store.db import make_engine, upgrade
+
+    engine = make_engine(pg_url)
+    try:
+        upgrade(engine)
+        with pytest.raises(StoreUnavailable), transaction(engine) as conn, queries.pipeline(conn):
+            pid = conn.connection.dbapi_connection.info.backend_pid  # no round trip
+            with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            queries.insert_events(conn, [_event_row(30, T0)])
+            queries.next_due_at(conn)
+        with transaction(engine) as conn, queries.pipeline(conn):
+            queries.insert_events(conn, [_event_row(31, T0)])
+        with engine.connect() as conn:
+            assert conn.execute(select(events.c.id)).scalars().all() == [31]
     finally:
         engine.dispose()

@@ -23,10 +23,7 @@ from program_timer.store.queries.deliveries import (
     ack_deliveries as ack_deliveries,
 )
 from program_timer.store.queries.deliveries import (
-    allocate_delivery_ids as allocate_delivery_ids,
-)
-from program_timer.store.queries.deliveries import (
-    allocate_event_ids as allocate_event_ids,
+    allocate_ids as allocate_ids,
 )
 from program_timer.store.queries.deliveries import (
     due_deliveries as due_deliveries,
@@ -57,6 +54,9 @@ from program_timer.store.queries.deliveries import (
 )
 from program_timer.store.queries.deliveries import (
     subscription_ids as subscription_ids,
+)
+from program_timer.store.queries.driver import (
+    pipeline as pipeline,
 )
 from program_timer.store.queries.operators import (
     delivery_counts as delivery_counts,

@@ -10,7 +10,6 @@ from typing import Any, Final
 from sqlalchemy import (
     Connection,
     Row,
-    Table,
     delete,
     exists,
     or_,
@@ -23,40 +22,31 @@ from program_timer.store.queries.batches import chunks
 from program_timer.store.schema import deliveries, events, subscriptions
 
 
-def allocate_event_ids(conn: Connection, n: int) -> list[int]:
-    """Ids for ``n`` new events, so that they are inserted without ``RETURNING``."""
-    return _allocate_ids(conn, events, n)
-
-
-def allocate_delivery_ids(conn: Connection, n: int) -> list[int]:
-    """Ids for ``n`` new deliveries (those a fire batch sends at once: pushed by id)."""
-    return _allocate_ids(conn, deliveries, n)
-
-
-def _allocate_ids(conn: Connection, table: Table, n: int) -> list[int]:
-    """PostgreSQL: from the table's sequence, in one round trip. SQLite: the transaction holds
-    the database's write lock (``BEGIN IMMEDIATE``), so the ids after the current maximum are
-    ours."""
-    if n <= 0:
-        return []
+def allocate_ids(conn: Connection, events_n: int, deliveries_n: int) -> tuple[list[int], list[int]]:
+    """Ids for ``events_n`` new events and ``deliveries_n`` new deliveries, in one query, so
+    that they are inserted without ``RETURNING`` (and a delivery's row names its event's id).
+    PostgreSQL: from the tables' sequences. SQLite: the transaction holds the database's write
+    lock (``BEGIN IMMEDIATE``), so the ids after the current maxima are ours."""
     if conn.dialect.name == "postgresql":
-        rows = driver.fetch(conn, _NEXT_IDS[table.name], (n,))
-        return [r[0] for r in rows]
-    top = driver.fetch(conn, _MAX_ID[table.name])[0][0]
-    return list(range(top + 1, top + 1 + n))
+        ((event_ids, delivery_ids),) = driver.fetch(conn, _NEXT_IDS, (events_n, deliveries_n))
+        return list(event_ids), list(delivery_ids)
+    ((top_event, top_delivery),) = driver.fetch(conn, _MAX_IDS)
+    return (
+        list(range(top_event + 1, top_event + 1 + events_n)),
+        list(range(top_delivery + 1, top_delivery + 1 + deliveries_n)),
+    )
 
 
-_NEXT_IDS: Final = {
-    t: f"SELECT nextval(pg_get_serial_sequence('{t}', 'id')) FROM generate_series(1, ?)"
-    for t in (events.name, deliveries.name)
-}
-_MAX_ID: Final = {
-    t: f"SELECT coalesce(max(id), 0) FROM {t}" for t in (events.name, deliveries.name)
-}
+_NEXT = "ARRAY(SELECT nextval(pg_get_serial_sequence('{}', 'id')) FROM generate_series(1, ?))"
+_NEXT_IDS: Final = f"SELECT {_NEXT.format(events.name)}, {_NEXT.format(deliveries.name)}"
+_MAX_IDS: Final = (
+    f"SELECT (SELECT coalesce(max(id), 0) FROM {events.name}), "
+    f"(SELECT coalesce(max(id), 0) FROM {deliveries.name})"
+)
 
 
 def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows carry their ``id`` (see :func:`allocate_event_ids`)."""
+    """Rows carry their ``id`` (see :func:`allocate_ids`)."""
     if rows:
         columns = tuple(rows[0])
         driver.insert_rows(conn, events, columns, [tuple(r[c] for c in columns) for r in rows])

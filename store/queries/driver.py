@@ -6,18 +6,24 @@ store worker's time. Here the values are converted once, the way the column type
 them, and handed to the driver's ``executemany`` as tuples. The column lists still come from
 the schema; what is read back goes through Core as before, so a row written here reads the
 same as one written by Core (tests/test_store_contract.py checks both ways).
+
+On PostgreSQL a fire batch runs its statements in a :func:`pipeline`: they go to the server
+without waiting for each one's answer, and a query's rows wait for everything sent before them
+in one round trip (psycopg's pipeline mode). A one-fire batch was 14 round trips; it is 5.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, Row, Table
+from sqlalchemy import Connection, Table
 from sqlalchemy import exc as sa_exc
 
 Converter = Callable[[Any], Any]
@@ -132,11 +138,16 @@ def select_rows(
     """``SELECT`` every column of ``table`` (in the schema's order) ``where`` …, with the values
     as the column types would give them (aware UTC datetimes, dicts, booleans). ``where`` uses
     ``?`` for parameters; it becomes ``%s`` on PostgreSQL."""
+    return fetch_many(conn, [select_statement(conn, table, where, params)])[0]
+
+
+def select_statement(
+    conn: Connection, table: Table, where: str, params: Sequence[Any]
+) -> Statement:
+    """:func:`select_rows` as a statement for :func:`fetch_many`."""
     dialect = conn.dialect.name
     sql = _select_sql(dialect, table.name, tuple(c.name for c in table.c), where)
-    readers = _readers(dialect, table)
-    rows = conn.exec_driver_sql(sql, tuple(params)).fetchall()
-    return [tuple(f(v) for f, v in zip(readers, row, strict=True)) for row in rows]
+    return Statement(sql, tuple(params), _readers(dialect, table))
 
 
 @functools.cache
@@ -155,20 +166,57 @@ def param(conn: Connection, value: Any) -> Any:
 
 
 def execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
-    """One statement with ``?`` parameters (``%s`` on PostgreSQL); the rows it changed."""
+    """One statement with ``?`` parameters (``%s`` on PostgreSQL); the rows it changed (-1
+    in a :func:`pipeline`: its answer is not waited for)."""
+    params = tuple(param(conn, p) for p in params)
     if conn.dialect.name != "sqlite":
         sql = _postgres_marks(sql)
-    result = conn.exec_driver_sql(sql, tuple(param(conn, p) for p in params))
-    return int(result.rowcount)
+        pipe = _pipe(conn)
+        if pipe is not None:
+            pipe.send(sql, params)
+            return -1
+    return int(conn.exec_driver_sql(sql, params).rowcount)
 
 
-def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Sequence[Row[Any]]:
+def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Sequence[Sequence[Any]]:
     """The rows of one query with ``?`` parameters (``%s`` on PostgreSQL), as the driver gives
     the values (no column type conversion: see :func:`read_datetime`). Run once per fire
     batch, a Core ``select`` cost more to build and compile than the query took."""
-    if conn.dialect.name != "sqlite":
-        sql = _postgres_marks(sql)
-    return conn.exec_driver_sql(sql, tuple(params)).fetchall()
+    return fetch_many(conn, [Statement(sql, tuple(params))])[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A query for :func:`fetch_many`: ``?`` parameters, and optionally one converter per
+    column for its rows."""
+
+    sql: str
+    params: tuple[Any, ...] = ()
+    readers: tuple[Converter, ...] | None = None
+
+    def convert(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+        if self.readers is None:
+            return [tuple(row) for row in rows]
+        readers = self.readers
+        return [tuple(f(v) for f, v in zip(readers, row, strict=True)) for row in rows]
+
+
+def fetch_many(conn: Connection, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+    """The rows of several queries, in their order: in a :func:`pipeline` all are sent before
+    the first answer is read (one round trip), elsewhere they run in turn."""
+    postgres = conn.dialect.name != "sqlite"
+    pipe = _pipe(conn) if postgres else None
+    if pipe is None:
+        return [
+            st.convert(
+                conn.exec_driver_sql(
+                    _postgres_marks(st.sql) if postgres else st.sql, st.params
+                ).fetchall()
+            )
+            for st in statements
+        ]
+    pending = [pipe.query(_postgres_marks(st.sql), st.params) for st in statements]
+    return [st.convert(rows()) for st, rows in zip(statements, pending, strict=True)]
 
 
 @functools.lru_cache(maxsize=1024)  # statements with a chunk's worth of marks vary in length
@@ -198,10 +246,19 @@ def insert_rows(
     dialect = conn.dialect.name
     conv = _converters(dialect, table, columns)
     if dialect == "postgresql":
+        pipe = _pipe(conn)
+        if pipe is not None and len(rows) <= PIPELINE_ROWS:
+            pipe.send_many(_insert_sql(dialect, table.name, columns), _convert(conv, rows))
+            return
+        if pipe is not None:
+            pipe.leave()  # COPY is not allowed in a pipeline: what follows runs in turn
         _copy_rows(conn, f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", conv, rows)
         return
-    params = [tuple(f(v) for f, v in zip(conv, row, strict=True)) for row in rows]
-    conn.exec_driver_sql(_insert_sql(dialect, table.name, columns), params)
+    conn.exec_driver_sql(_insert_sql(dialect, table.name, columns), _convert(conv, rows))
+
+
+def _convert(conv: Sequence[Converter], rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    return [tuple(f(v) for f, v in zip(conv, row, strict=True)) for row in rows]
 
 
 def _copy_rows(
@@ -212,16 +269,24 @@ def _copy_rows(
     (and the connection invalidated when it is gone), so that the store's error policy
     (``db.translate_errors``) sees them like any other: a duplicate is a ``Conflict``, a lost
     server ``StoreUnavailable``, not an unexplained exception."""
-    import psycopg
 
     raw: Any = conn.connection.dbapi_connection
+    with _driver_errors(conn, sql), raw.cursor() as cur, cur.copy(sql) as copy:
+        for row in rows:
+            copy.write_row([f(v) for f, v in zip(conv, row, strict=True)])
+
+
+@contextlib.contextmanager
+def _driver_errors(conn: Connection, sql: str) -> Iterator[None]:
+    """psycopg's errors raised here, on its own connection, wrapped as SQLAlchemy wraps a
+    statement's (the connection invalidated when it is gone)."""
+    import psycopg
+
     try:
-        with raw.cursor() as cur, cur.copy(sql) as copy:
-            for row in rows:
-                copy.write_row([f(v) for f, v in zip(conv, row, strict=True)])
+        yield
     except psycopg.Error as exc:
         orig: Any = exc  # SQLAlchemy types it as its DBAPI protocol's Error
-        gone = conn.dialect.is_disconnect(orig, raw, None)
+        gone = conn.dialect.is_disconnect(orig, conn.connection.dbapi_connection, None)
         if gone:
             conn.invalidate(exc)
         raise sa_exc.DBAPIError.instance(
@@ -241,5 +306,102 @@ def update_rows(
     if rows:
         dialect = conn.dialect.name
         conv = (*_converters(dialect, table, columns), _same)
-        params = [tuple(f(v) for f, v in zip(conv, row, strict=True)) for row in rows]
-        conn.exec_driver_sql(_update_sql(dialect, table.name, columns, key), params)
+        sql = _update_sql(dialect, table.name, columns, key)
+        pipe = _pipe(conn) if dialect == "postgresql" else None
+        if pipe is not None:
+            pipe.send_many(sql, _convert(conv, rows))
+        else:
+            conn.exec_driver_sql(sql, _convert(conv, rows))
+
+
+# A pipeline (PostgreSQL) -------------------------------------------------------------------
+
+PIPELINE_ROWS: Final = 16
+"""Rows that :func:`insert_rows` sends in a pipeline as one ``INSERT`` each; more go by
+``COPY`` (its two round trips cost less than a statement per row from about 20 rows on)."""
+
+_PIPE: Final = "program_timer_pipeline"
+
+
+class _Pipeline:
+    """psycopg's pipeline mode on the connection of a SQLAlchemy transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._raw: Any = conn.connection.dbapi_connection
+        self._mode: Any = None
+
+    def enter(self) -> None:
+        self._mode = self._raw.pipeline()
+        self._mode.__enter__()
+
+    def leave(self) -> None:
+        """Out of pipeline mode: everything sent is synced (its errors raised here)."""
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            with _driver_errors(self._conn, "(pipeline sync)"):
+                mode.__exit__(None, None, None)
+
+    def abandon(self) -> None:
+        """Out of pipeline mode after an error (the transaction is lost: what the sync says
+        about the statements after it adds nothing)."""
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            with contextlib.suppress(Exception):  # psycopg leaves pipeline mode whatever fails
+                mode.__exit__(None, None, None)
+
+    @property
+    def active(self) -> bool:
+        return self._mode is not None
+
+    def send(self, sql: str, params: Sequence[Any]) -> None:
+        with _driver_errors(self._conn, sql), self._raw.cursor() as cur:
+            cur.execute(sql, params)
+
+    def send_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        with _driver_errors(self._conn, sql), self._raw.cursor() as cur:
+            cur.executemany(sql, params)
+
+    def query(self, sql: str, params: Sequence[Any]) -> Callable[[], Sequence[Sequence[Any]]]:
+        """Send a query now; the function returned reads its rows (waiting for them)."""
+        with _driver_errors(self._conn, sql):
+            cur = self._raw.cursor()
+            cur.execute(sql, params)
+
+        def rows() -> Sequence[Sequence[Any]]:
+            with _driver_errors(self._conn, sql), cur:
+                result: Sequence[Sequence[Any]] = cur.fetchall()
+                return result
+
+        return rows
+
+
+def _pipe(conn: Connection) -> _Pipeline | None:
+    pipe: _Pipeline | None = conn.info.get(_PIPE)
+    return pipe if pipe is not None and pipe.active else None
+
+
+@contextlib.contextmanager
+def pipeline(conn: Connection) -> Iterator[None]:
+    """PostgreSQL: the statements this module runs in the block (``execute``, ``fetch``,
+    ``fetch_many``, ``select_rows``, ``insert_rows``, ``update_rows``) are sent without waiting
+    for their answers; reading a query's rows waits for everything sent before it, in one
+    round trip, and the block's end for the rest. Errors come out wrapped as a statement's
+    would, at the latest at the block's end. A statement run through SQLAlchemy itself in the
+    block would not see its rows: the fire batch runs all of its statements here. SQLite:
+    nothing changes (it has no round trips)."""
+    if conn.dialect.name != "postgresql" or _PIPE in conn.info:
+        yield
+        return
+    pipe = _Pipeline(conn)
+    info = conn.info  # kept: an invalidated connection has no info until rolled back
+    info[_PIPE] = pipe
+    try:
+        pipe.enter()
+        yield
+        pipe.leave()
+    except BaseException:
+        pipe.abandon()
+        raise
+    finally:
+        info.pop(_PIPE, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import Connection, Row, delete, insert, select, update
 
@@ -13,11 +13,25 @@ from program_timer.store.queries.operators import delivery_counts, inflight_coun
 from program_timer.store.schema import daemons, deliveries, subscriptions
 
 
-def all_subscriptions(conn: Connection) -> Sequence[Row[Any]]:
+class SubscriptionFilter(NamedTuple):
+    subscription_id: str
+    filter_connector_idn: str | None
+    filter_persona_id: str | None
+
+
+SUBSCRIPTION_FILTERS: Final = driver.Statement(
+    "SELECT subscription_id, filter_connector_idn, filter_persona_id FROM subscriptions"
+)
+
+
+def all_subscriptions(conn: Connection) -> list[SubscriptionFilter]:
     """Every subscription's id and filter (what routing needs; read by every fire batch)."""
-    return driver.fetch(
-        conn, "SELECT subscription_id, filter_connector_idn, filter_persona_id FROM subscriptions"
-    )
+    return subscription_filters(driver.fetch_many(conn, [SUBSCRIPTION_FILTERS])[0])
+
+
+def subscription_filters(rows: Sequence[Sequence[Any]]) -> list[SubscriptionFilter]:
+    """The rows of :data:`SUBSCRIPTION_FILTERS`."""
+    return [SubscriptionFilter(*row) for row in rows]
 
 
 def subscription_figures(conn: Connection, now: datetime) -> list[dict[str, Any]]:

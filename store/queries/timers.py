@@ -12,12 +12,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, bindparam, delete, func, select, text, update
+from sqlalchemy import Connection, Row, delete, func, select, text
 from sqlalchemy.sql.elements import TextClause
 
 from program_timer.core.model import FIRED, Timer
 from program_timer.store.queries import driver
 from program_timer.store.queries.batches import chunks
+from program_timer.store.queries.subscriptions import (
+    SUBSCRIPTION_FILTERS,
+    SubscriptionFilter,
+    subscription_filters,
+)
 from program_timer.store.schema import timer_counts as counts_table
 from program_timer.store.schema import timers
 
@@ -139,40 +144,35 @@ def next_due_at(conn: Connection) -> datetime | None:
     return driver.read_datetime(conn, rows[0][0]) if rows else None
 
 
-def claim_due(conn: Connection, now: datetime, limit: int) -> list[Timer]:
-    """Lock and return up to ``limit`` due timers, oldest first.
+def claim_due(
+    conn: Connection, now: datetime, limit: int
+) -> tuple[list[Timer], list[SubscriptionFilter]]:
+    """Lock and return up to ``limit`` due timers, oldest first, and every subscription's filter
+    (what the batch routes its events by): both queries in one round trip in a pipeline.
 
     On PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED``: timers another daemon is firing
     are skipped, and the lock lasts until this transaction ends (commit, rollback, or the
     connection dying), so a dead daemon's claim is released by the server itself.
     """
     lock = "" if conn.dialect.name == "sqlite" else " FOR UPDATE SKIP LOCKED"
-    rows = driver.select_rows(
+    claim = driver.select_statement(
         conn,
         timers,
         f"due_at <= ? ORDER BY due_at LIMIT ?{lock}",
         (driver.param(conn, now), limit),
     )
-    return [_timer_from_values(r) for r in rows]
+    due, subs = driver.fetch_many(conn, [claim, SUBSCRIPTION_FILTERS])
+    return [_timer_from_values(r) for r in due], subscription_filters(subs)
 
 
-_UPDATE_FIRED = (
-    update(timers)
-    .where(timers.c.id == bindparam("_id"))
-    .values(
-        planned_at=bindparam("planned_at"),
-        due_at=bindparam("due_at"),
-        state=bindparam("state"),
-        fire_count=bindparam("fire_count"),
-        last_fired_at=bindparam("last_fired_at"),
-    )
-)
+_FIRED_COLUMNS: Final = ("planned_at", "due_at", "state", "fire_count", "last_fired_at")
 
 
 def update_fired(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Rows: ``_id``, ``planned_at``, ``due_at``, ``state``, ``fire_count``, ``last_fired_at``."""
-    if rows:
-        conn.execute(_UPDATE_FIRED, list(rows))
+    driver.update_rows(
+        conn, timers, _FIRED_COLUMNS, [(*(r[c] for c in _FIRED_COLUMNS), r["_id"]) for r in rows]
+    )
 
 
 def complete_one_shots(conn: Connection, ids: Sequence[int], fired_at: datetime) -> None:
