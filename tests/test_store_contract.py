@@ -552,3 +552,19 @@ def test_a_server_lost_inside_a_pipeline_is_unavailable_and_the_next_transaction
             assert conn.execute(select(events.c.id)).scalars().all() == [31]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("rows", [1, driver.PIPELINE_ROWS + 1])
+def test_errors_outside_sqlalchemy_are_counted_like_a_statements(engine: Engine, rows: int) -> None:
+    """A duplicate in a fire's inserts (in a pipeline, or by ``COPY`` on PostgreSQL) reaches
+    the engine's error listeners as a statement's error does: ``/metrics`` counts it."""
+    from program_timer.store import observe
+
+    kinds: list[str] = []
+    observe.count_errors(engine, kinds.append)
+    with transaction(engine) as conn:
+        queries.insert_events(conn, [_event_row(40, T0)])
+    batch = [_event_row(41 + i, T0) for i in range(rows - 1)] + [_event_row(40, T0)]
+    with pytest.raises(Conflict), transaction(engine) as conn, queries.pipeline(conn):
+        queries.insert_events(conn, batch)
+    assert kinds == ["conflict"]

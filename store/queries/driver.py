@@ -24,7 +24,6 @@ from typing import Any, Final
 
 import orjson
 from sqlalchemy import Connection, Table
-from sqlalchemy import exc as sa_exc
 
 Converter = Callable[[Any], Any]
 
@@ -278,20 +277,14 @@ def _copy_rows(
 
 @contextlib.contextmanager
 def _driver_errors(conn: Connection, sql: str) -> Iterator[None]:
-    """psycopg's errors raised here, on its own connection, wrapped as SQLAlchemy wraps a
-    statement's (the connection invalidated when it is gone)."""
-    import psycopg
-
+    """The driver's errors raised here, outside SQLAlchemy (psycopg's ``COPY`` and pipeline on
+    its own connection), handled as SQLAlchemy handles a statement's: wrapped, the connection
+    invalidated when it is gone, and the engine's ``handle_error`` listeners called (the
+    store's error counts for ``/metrics``)."""
     try:
         yield
-    except psycopg.Error as exc:
-        orig: Any = exc  # SQLAlchemy types it as its DBAPI protocol's Error
-        gone = conn.dialect.is_disconnect(orig, conn.connection.dbapi_connection, None)
-        if gone:
-            conn.invalidate(exc)
-        raise sa_exc.DBAPIError.instance(
-            sql, None, exc, psycopg.Error, connection_invalidated=gone, dialect=conn.dialect
-        ) from exc
+    except conn.dialect.loaded_dbapi.Error as exc:
+        conn._handle_dbapi_exception(exc, sql, None, None, None)
 
 
 def update_rows(
