@@ -174,7 +174,7 @@ def execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
         if pipe is not None:
             pipe.send(sql, params)
             return -1
-    return int(conn.exec_driver_sql(sql, params).rowcount)
+    return _run(conn, sql, params)
 
 
 def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Sequence[Sequence[Any]]:
@@ -207,15 +207,47 @@ def fetch_many(conn: Connection, statements: Sequence[Statement]) -> list[list[t
     pipe = _pipe(conn) if postgres else None
     if pipe is None:
         return [
-            st.convert(
-                conn.exec_driver_sql(
-                    _postgres_marks(st.sql) if postgres else st.sql, st.params
-                ).fetchall()
-            )
+            st.convert(_query(conn, _postgres_marks(st.sql) if postgres else st.sql, st.params))
             for st in statements
         ]
     pending = [pipe.query(_postgres_marks(st.sql), st.params) for st in statements]
     return [st.convert(rows()) for st, rows in zip(statements, pending, strict=True)]
+
+
+def _run(conn: Connection, sql: str, params: Any, *, many: bool = False) -> int:
+    """A statement on the driver's own cursor (see :func:`_query`); the rows it changed."""
+    if not conn.in_transaction():
+        if many:
+            params = list(params)
+        return int(conn.exec_driver_sql(sql, params).rowcount)
+    with _driver_errors(conn, sql):
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if many:
+                cur.executemany(sql, params)
+            else:
+                cur.execute(sql, params)
+            return int(cur.rowcount)
+        finally:
+            cur.close()
+
+
+def _query(conn: Connection, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    """A query's rows from the driver's own cursor. Inside a transaction, SQLAlchemy's part
+    of a statement (an execution context, a cursor result, its bookkeeping) is skipped: on the
+    fire batch's ten small statements it cost more than SQLite took to run them. Errors go
+    through SQLAlchemy's handling all the same (:func:`_driver_errors`). Outside one,
+    SQLAlchemy runs it, so that its autobegin (``BEGIN IMMEDIATE`` on SQLite) applies."""
+    if not conn.in_transaction():
+        return conn.exec_driver_sql(sql, tuple(params)).fetchall()
+    with _driver_errors(conn, sql):
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql, params)
+            rows: Sequence[Sequence[Any]] = cur.fetchall()
+            return rows
+        finally:
+            cur.close()
 
 
 @functools.lru_cache(maxsize=1024)  # statements with a chunk's worth of marks vary in length
@@ -253,7 +285,7 @@ def insert_rows(
             pipe.leave()  # COPY is not allowed in a pipeline: what follows runs in turn
         _copy_rows(conn, f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", conv, rows)
         return
-    conn.exec_driver_sql(_insert_sql(dialect, table.name, columns), _convert(conv, rows))
+    _run(conn, _insert_sql(dialect, table.name, columns), _convert(conv, rows), many=True)
 
 
 def _convert(conv: Sequence[Converter], rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
@@ -304,7 +336,7 @@ def update_rows(
         if pipe is not None:
             pipe.send_many(sql, _convert(conv, rows))
         else:
-            conn.exec_driver_sql(sql, _convert(conv, rows))
+            _run(conn, sql, _convert(conv, rows), many=True)
 
 
 # A pipeline (PostgreSQL) -------------------------------------------------------------------
