@@ -4,8 +4,10 @@ Core processes every bound value in Python (a UTC datetime goes through two bind
 a JSON column through the serializer): at thousands of rows a second that was a third of the
 store worker's time. Here the values are converted once, the way the column types would store
 them, and handed to the driver's ``executemany`` as tuples. The column lists still come from
-the schema; what is read back goes through Core as before, so a row written here reads the
-same as one written by Core (tests/test_store_contract.py checks both ways).
+the schema, and a row written here reads the same as one written by Core
+(tests/test_store_contract.py checks both ways). Inside a transaction the statements run on
+the driver's own cursor, without SQLAlchemy's per-statement work, their errors still handled
+by SQLAlchemy (:func:`_driver_errors`).
 
 On PostgreSQL a fire batch runs its statements in a :func:`pipeline`: they go to the server
 without waiting for each one's answer, and a query's rows wait for everything sent before them
@@ -215,11 +217,26 @@ def fetch_many(conn: Connection, statements: Sequence[Statement]) -> list[list[t
 
 
 def _run(conn: Connection, sql: str, params: Any, *, many: bool = False) -> int:
-    """A statement on the driver's own cursor (see :func:`_query`); the rows it changed."""
+    """A statement (``executemany`` with ``many``); the rows it changed."""
+    count: int = _on_driver(conn, sql, params, many=many, rows=False)
+    return count
+
+
+def _query(conn: Connection, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    """A query's rows."""
+    rows: Sequence[Sequence[Any]] = _on_driver(conn, sql, params, many=False, rows=True)
+    return rows
+
+
+def _on_driver(conn: Connection, sql: str, params: Any, *, many: bool, rows: bool) -> Any:
+    """A statement on the driver's own cursor. Inside a transaction, SQLAlchemy's part of a
+    statement (an execution context, a cursor result, its bookkeeping) is skipped: on the fire
+    batch's ten small statements it cost more than SQLite took to run them. Errors go through
+    SQLAlchemy's handling all the same (:func:`_driver_errors`). Outside one, SQLAlchemy runs
+    it, so that its autobegin (``BEGIN IMMEDIATE`` on SQLite) applies."""
     if not conn.in_transaction():
-        if many:
-            params = list(params)
-        return int(conn.exec_driver_sql(sql, params).rowcount)
+        result = conn.exec_driver_sql(sql, list(params) if many else tuple(params))
+        return result.fetchall() if rows else result.rowcount
     with _driver_errors(conn, sql):
         cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -227,25 +244,7 @@ def _run(conn: Connection, sql: str, params: Any, *, many: bool = False) -> int:
                 cur.executemany(sql, params)
             else:
                 cur.execute(sql, params)
-            return int(cur.rowcount)
-        finally:
-            cur.close()
-
-
-def _query(conn: Connection, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
-    """A query's rows from the driver's own cursor. Inside a transaction, SQLAlchemy's part
-    of a statement (an execution context, a cursor result, its bookkeeping) is skipped: on the
-    fire batch's ten small statements it cost more than SQLite took to run them. Errors go
-    through SQLAlchemy's handling all the same (:func:`_driver_errors`). Outside one,
-    SQLAlchemy runs it, so that its autobegin (``BEGIN IMMEDIATE`` on SQLite) applies."""
-    if not conn.in_transaction():
-        return conn.exec_driver_sql(sql, tuple(params)).fetchall()
-    with _driver_errors(conn, sql):
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cur.execute(sql, params)
-            rows: Sequence[Sequence[Any]] = cur.fetchall()
-            return rows
+            return cur.fetchall() if rows else int(cur.rowcount)
         finally:
             cur.close()
 
@@ -295,12 +294,9 @@ def _convert(conv: Sequence[Converter], rows: Sequence[Sequence[Any]]) -> list[t
 def _copy_rows(
     conn: Connection, sql: str, conv: Sequence[Converter], rows: Sequence[Sequence[Any]]
 ) -> None:
-    """``COPY … FROM STDIN`` on psycopg's own connection. Its errors come from the driver
-    itself, not through SQLAlchemy: they are wrapped here as SQLAlchemy wraps a statement's
-    (and the connection invalidated when it is gone), so that the store's error policy
-    (``db.translate_errors``) sees them like any other: a duplicate is a ``Conflict``, a lost
-    server ``StoreUnavailable``, not an unexplained exception."""
-
+    """``COPY … FROM STDIN`` on psycopg's own connection; its errors handled as a statement's
+    (:func:`_driver_errors`): a duplicate is a ``Conflict``, a lost server
+    ``StoreUnavailable``, not an unexplained exception."""
     raw: Any = conn.connection.dbapi_connection
     with _driver_errors(conn, sql), raw.cursor() as cur, cur.copy(sql) as copy:
         for row in rows:
