@@ -80,9 +80,6 @@ from program_timer.store.queries.operators import (
     replay_events as replay_events,
 )
 from program_timer.store.queries.subscriptions import (
-    all_subscriptions as all_subscriptions,
-)
-from program_timer.store.queries.subscriptions import (
     attached_elsewhere as attached_elsewhere,
 )
 from program_timer.store.queries.subscriptions import (

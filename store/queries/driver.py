@@ -133,19 +133,12 @@ def _readers(dialect: str, table: Table) -> tuple[Converter, ...]:
     return tuple(by_type.get(type(c.type).__name__, _same) for c in table.c)
 
 
-def select_rows(
-    conn: Connection, table: Table, where: str, params: Sequence[Any]
-) -> list[tuple[Any, ...]]:
-    """``SELECT`` every column of ``table`` (in the schema's order) ``where`` …, with the values
-    as the column types would give them (aware UTC datetimes, dicts, booleans). ``where`` uses
-    ``?`` for parameters; it becomes ``%s`` on PostgreSQL."""
-    return fetch_many(conn, [select_statement(conn, table, where, params)])[0]
-
-
 def select_statement(
     conn: Connection, table: Table, where: str, params: Sequence[Any]
 ) -> Statement:
-    """:func:`select_rows` as a statement for :func:`fetch_many`."""
+    """For :func:`fetch_many`: ``SELECT`` every column of ``table`` (in the schema's order)
+    ``where`` …, the values read as the column types would give them (aware UTC datetimes,
+    dicts, booleans). ``where`` uses ``?`` for parameters; it becomes ``%s`` on PostgreSQL."""
     dialect = conn.dialect.name
     sql = _select_sql(dialect, table.name, tuple(c.name for c in table.c), where)
     return Statement(sql, tuple(params), _readers(dialect, table))
@@ -159,7 +152,7 @@ def _select_sql(dialect: str, table: str, columns: tuple[str, ...], where: str) 
 
 
 def param(conn: Connection, value: Any) -> Any:
-    """A value bound by hand in ``select_rows`` or ``execute``: a datetime as its column
+    """A value bound by hand in ``select_statement`` or ``execute``: a datetime as its column
     stores it."""
     if conn.dialect.name == "sqlite" and isinstance(value, datetime):
         return sqlite_datetime(value)
@@ -405,7 +398,7 @@ def _pipe(conn: Connection) -> _Pipeline | None:
 @contextlib.contextmanager
 def pipeline(conn: Connection) -> Iterator[None]:
     """PostgreSQL: the statements this module runs in the block (``execute``, ``fetch``,
-    ``fetch_many``, ``select_rows``, ``insert_rows``, ``update_rows``) are sent without waiting
+    ``fetch_many``, ``insert_rows``, ``update_rows``) are sent without waiting
     for their answers; reading a query's rows waits for everything sent before it, in one
     round trip, and the block's end for the rest. Errors come out wrapped as a statement's
     would, at the latest at the block's end. A statement run through SQLAlchemy itself in the

@@ -24,11 +24,6 @@ SUBSCRIPTION_FILTERS: Final = driver.Statement(
 )
 
 
-def all_subscriptions(conn: Connection) -> list[SubscriptionFilter]:
-    """Every subscription's id and filter (what routing needs; read by every fire batch)."""
-    return subscription_filters(driver.fetch_many(conn, [SUBSCRIPTION_FILTERS])[0])
-
-
 def subscription_filters(rows: Sequence[Sequence[Any]]) -> list[SubscriptionFilter]:
     """The rows of :data:`SUBSCRIPTION_FILTERS`."""
     return [SubscriptionFilter(*row) for row in rows]
