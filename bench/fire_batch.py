@@ -2,6 +2,7 @@
 
     python -m bench.fire_batch                      # SQLite, 3,000 batches
     python -m bench.fire_batch --db postgres --n 2000
+    python -m bench.fire_batch --size 1000 --n 20   # full batches: what a burst pays per fire
 
 At a steady rate every fire is its own batch (``scheduler/firing.py``: a timer due within a few
 milliseconds is waited for and fired alone), so the fixed cost of a batch is the floor under
@@ -9,7 +10,8 @@ the steady rows' lateness and read latency. This runs the daemon's own :func:`fi
 ``next_due_at`` in a loop (in a pipeline on PostgreSQL, as the daemon does), one due one-shot
 timer per transaction, with one attached subscription taking direct sends, and prints the time
 per batch, commit included. No socket, no threads: the figure is the store path alone,
-steadier than the daemon's rows.
+steadier than the daemon's rows. With ``--size`` each batch fires that many timers (a burst's
+batches are 1,000): the time per fire is then the fire path's own cost under a burst.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from program_timer.store import queries
 from program_timer.store.db import make_engine, transaction
 
 
-def measure(url: str, n: int) -> list[float]:
+def measure(url: str, n: int, size: int = 1) -> list[float]:
     engine = make_engine(url)
     now = datetime.now(UTC)
     try:
@@ -60,7 +62,7 @@ def measure(url: str, n: int) -> list[float]:
                         due - timedelta(seconds=1),
                         Limits(),
                     )[0]
-                    for i in range(n)
+                    for i in range(n * size)
                 ],
             )
         times = []
@@ -68,11 +70,11 @@ def measure(url: str, n: int) -> list[float]:
             started = time.perf_counter()
             with transaction(engine) as conn, queries.pipeline(conn):
                 result = fire_batch(
-                    conn, datetime.now(UTC), 1, "bench", None, Direct({"bench": 1}, now)
+                    conn, datetime.now(UTC), size, "bench", None, Direct({"bench": size}, now)
                 )
                 queries.next_due_at(conn)
             times.append(time.perf_counter() - started)
-            if result.fired != 1 or len(result.sends) != 1:
+            if result.fired != size or len(result.sends) != size:
                 raise RuntimeError(f"a batch fired {result.fired}, sent {len(result.sends)}")
         return times
     finally:
@@ -80,14 +82,16 @@ def measure(url: str, n: int) -> list[float]:
 
 
 def main() -> None:
-    args = one_database_args(__doc__.splitlines()[0], 3000)
+    args = one_database_args(__doc__.splitlines()[0], 3000, size=True)
     with scratch_database(args.db, args.pg_url, "batch") as (url, _):
-        times = sorted(measure(url, args.n))
+        times = sorted(measure(url, args.n, args.size))
     us = [t * 1e6 for t in times]
+    what = "one-fire batch" if args.size == 1 else f"batch of {args.size:,} fires"
+    per_fire = f", {statistics.median(us) / args.size:,.1f} us a fire" if args.size > 1 else ""
     print(
-        f"{args.db}: one-fire batch, commit included, {args.n} batches: "
+        f"{args.db}: {what}, commit included, {args.n} batches: "
         f"median {statistics.median(us):,.0f} us, mean {statistics.mean(us):,.0f} us, "
-        f"p90 {us[int(len(us) * 0.9)]:,.0f} us"
+        f"p90 {us[int(len(us) * 0.9)]:,.0f} us{per_fire}"
     )
 
 

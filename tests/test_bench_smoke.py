@@ -156,21 +156,24 @@ def test_command_line_refuses_unknown_options() -> None:
     assert exc.value.code == 2
 
 
-def test_fire_batch_fires_one_timer_per_transaction_and_sends_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [1, 7])
+def test_fire_batch_fires_size_timers_per_transaction_and_sends_them(
+    tmp_path: Path, size: int
+) -> None:
     from sqlalchemy import func, select
 
     from program_timer.store.db import make_engine
     from program_timer.store.schema import deliveries, events, timers
 
     url = bench_common.Database("sqlite", tmp_path).fresh("batch")
-    times = bench_fire_batch.measure(url, 20)  # raises unless each batch fired and sent one
+    times = bench_fire_batch.measure(url, 20, size)  # raises unless each batch fired and sent size
     assert len(times) == 20 and all(t > 0 for t in times)
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            assert conn.execute(select(func.count()).select_from(events)).scalar() == 20
+            assert conn.execute(select(func.count()).select_from(events)).scalar() == 20 * size
             sent = select(func.count()).where(deliveries.c.sent_at.is_not(None))
-            assert conn.execute(sent).scalar() == 20
+            assert conn.execute(sent).scalar() == 20 * size
             due = select(func.count()).where(timers.c.due_at.is_not(None))
             assert conn.execute(due).scalar() == 0
     finally:
