@@ -49,8 +49,11 @@ def engine(parsed: URL, *, pool_size: int, name: str, timeout: float) -> Engine:
             "keepalives_count": 3,
             "tcp_user_timeout": ms,
             "application_name": name[:63],
+            # TimeZone: timestamps come back in timezone.utc itself, which the readers keep
+            # as they are (a server zone such as Etc/UTC gives ZoneInfo values, converted one
+            # by one: seven columns in a timer row).
             "options": (
-                "-c idle_in_transaction_session_timeout=60000"
+                "-c TimeZone=UTC -c idle_in_transaction_session_timeout=60000"
                 f" -c statement_timeout={ms} -c lock_timeout={ms}"
             ),
         },

@@ -28,6 +28,7 @@ import orjson
 from sqlalchemy import Connection, Table
 
 Converter = Callable[[Any], Any]
+RowConverter = Callable[[Sequence[Any]], list[Any]]
 
 
 def sqlite_datetime(value: datetime | None) -> str | None:
@@ -86,6 +87,25 @@ def _converters(dialect: str, table: Table, columns: tuple[str, ...]) -> tuple[C
 
 
 @functools.cache
+def _row_converter(conv: tuple[Converter, ...]) -> RowConverter:
+    """A row's values through ``conv``, one converter per column: only the columns whose
+    converter does something are touched (a generator over every column's pair cost half of
+    reading or writing a timer row)."""
+    width = len(conv)
+    active = tuple((i, f) for i, f in enumerate(conv) if f is not _same)
+
+    def convert(row: Sequence[Any]) -> list[Any]:
+        if len(row) != width:
+            raise ValueError(f"a row of {len(row)} values for {width} columns")
+        values = list(row)
+        for i, f in active:
+            values[i] = f(values[i])
+        return values
+
+    return convert
+
+
+@functools.cache
 def _insert_sql(dialect: str, table: str, columns: tuple[str, ...]) -> str:
     mark = "?" if dialect == "sqlite" else "%s"
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
@@ -102,7 +122,10 @@ def _update_sql(dialect: str, table: str, columns: tuple[str, ...], key: str) ->
 
 
 def _sqlite_read_datetime(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+    # The stored text is naive UTC: parsed with its offset spelled out, the instant comes aware
+    # in one call, about seven times faster than ``fromisoformat(value).replace(tzinfo=UTC)``
+    # (``replace`` with a keyword is the slow part; seven such columns in a timer row).
+    return None if value is None else datetime.fromisoformat(value + "+00:00")
 
 
 def _sqlite_read_json(value: str | None) -> Any:
@@ -128,9 +151,9 @@ _POSTGRES_READ: dict[str, Converter] = {"UTCDateTime": _pg_read_datetime}
 
 
 @functools.cache
-def _readers(dialect: str, table: Table) -> tuple[Converter, ...]:
+def _readers(dialect: str, table: Table) -> RowConverter:
     by_type = _SQLITE_READ if dialect == "sqlite" else _POSTGRES_READ
-    return tuple(by_type.get(type(c.type).__name__, _same) for c in table.c)
+    return _row_converter(tuple(by_type.get(type(c.type).__name__, _same) for c in table.c))
 
 
 def select_statement(
@@ -181,18 +204,18 @@ def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Sequence[Se
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """A query for :func:`fetch_many`: ``?`` parameters, and optionally one converter per
-    column for its rows."""
+    """A query for :func:`fetch_many`: ``?`` parameters, and optionally what converts each of
+    its rows (:func:`_row_converter`)."""
 
     sql: str
     params: tuple[Any, ...] = ()
-    readers: tuple[Converter, ...] | None = None
+    readers: RowConverter | None = None
 
     def convert(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
         if self.readers is None:
             return [tuple(row) for row in rows]
         readers = self.readers
-        return [tuple(f(v) for f, v in zip(readers, row, strict=True)) for row in rows]
+        return [tuple(readers(row)) for row in rows]
 
 
 def fetch_many(conn: Connection, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
@@ -280,20 +303,22 @@ def insert_rows(
     _run(conn, _insert_sql(dialect, table.name, columns), _convert(conv, rows), many=True)
 
 
-def _convert(conv: Sequence[Converter], rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
-    return [tuple(f(v) for f, v in zip(conv, row, strict=True)) for row in rows]
+def _convert(conv: tuple[Converter, ...], rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    convert = _row_converter(conv)
+    return [convert(row) for row in rows]
 
 
 def _copy_rows(
-    conn: Connection, sql: str, conv: Sequence[Converter], rows: Sequence[Sequence[Any]]
+    conn: Connection, sql: str, conv: tuple[Converter, ...], rows: Sequence[Sequence[Any]]
 ) -> None:
     """``COPY … FROM STDIN`` on psycopg's own connection; its errors handled as a statement's
     (:func:`_driver_errors`): a duplicate is a ``Conflict``, a lost server
     ``StoreUnavailable``, not an unexplained exception."""
     raw: Any = conn.connection.dbapi_connection
     with _driver_errors(conn, sql), raw.cursor() as cur, cur.copy(sql) as copy:
+        convert = _row_converter(conv)
         for row in rows:
-            copy.write_row([f(v) for f, v in zip(conv, row, strict=True)])
+            copy.write_row(convert(row))
 
 
 @contextlib.contextmanager
