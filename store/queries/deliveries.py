@@ -3,6 +3,7 @@ them, acks and the purge end them."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -10,6 +11,7 @@ from typing import Any, Final
 from sqlalchemy import (
     Connection,
     Row,
+    Table,
     delete,
     exists,
     or_,
@@ -47,15 +49,19 @@ _MAX_IDS: Final = (
 
 def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Rows carry their ``id`` (see :func:`allocate_ids`)."""
-    if rows:
-        columns = tuple(rows[0])
-        driver.insert_rows(conn, events, columns, [tuple(r[c] for c in columns) for r in rows])
+    _insert_dicts(conn, events, rows)
 
 
 def insert_deliveries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    _insert_dicts(conn, deliveries, rows)
+
+
+def _insert_dicts(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows with the same keys, the first row's order giving the columns'."""
     if rows:
         columns = tuple(rows[0])
-        driver.insert_rows(conn, deliveries, columns, [tuple(r[c] for c in columns) for r in rows])
+        values = operator.itemgetter(*columns)
+        driver.insert_rows(conn, table, columns, [values(r) for r in rows])
 
 
 # Pending: neither acked nor dead. Both are columns of ix_deliveries_pending, before ``id``: a
