@@ -31,9 +31,14 @@ Converter = Callable[[Any], Any]
 RowConverter = Callable[[Sequence[Any]], list[Any]]
 
 
+@functools.lru_cache(maxsize=256)
 def sqlite_datetime(value: datetime | None) -> str | None:
     """What SQLAlchemy's SQLite DATETIME stores for our UTC instants: naive UTC, always with
-    microseconds (``2026-11-28 03:10:02.000000``), so that text order is time order."""
+    microseconds (``2026-11-28 03:10:02.000000``), so that text order is time order.
+
+    Remembered for the last instants written: a fire batch writes its ``now`` four times a
+    fire (the event, its delivery, the timer), a command batch twice a timer, and looking it
+    up costs a tenth of formatting it."""
     if value is None:
         return None
     if value.tzinfo is not UTC:
