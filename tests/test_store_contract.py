@@ -20,7 +20,7 @@ from program_timer.store import queries
 from program_timer.store.db import transaction
 from program_timer.store.errors import Conflict, StoreUnavailable
 from program_timer.store.queries import driver
-from program_timer.store.schema import deliveries, events, timers
+from program_timer.store.schema import deliveries, events, subscriptions, timers
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -568,3 +568,56 @@ def test_errors_outside_sqlalchemy_are_counted_like_a_statements(engine: Engine,
     with pytest.raises(Conflict), transaction(engine) as conn, queries.pipeline(conn):
         queries.insert_events(conn, batch)
     assert kinds == ["conflict"]
+
+
+def test_acks_end_only_the_acking_subscriptions_pending_deliveries_once(engine: Engine) -> None:
+    """An ack names delivery ids: those of the acking connection's subscriptions that are not
+    acked yet are acked now (and returned, once), any other id is left alone; more ids than
+    one statement's chunk are all acked; ``last_ack_at`` is written at most once a second."""
+    clock = FakeClock(T0)
+    _subscribe(engine, "a")
+    _subscribe(engine, "b")
+    n = 600  # more than one chunk of ids
+    run(
+        engine,
+        clock,
+        *(
+            req(personaId="p", timerName=f"t{i:03}", fireAt="2026-03-01T12:00:05Z")
+            for i in range(n)
+        ),
+    )
+    clock.advance(10)
+    assert fire(engine, clock).deliveries == 2 * n
+    with engine.connect() as conn:
+        ids = {s: [] for s in ("a", "b")}
+        for d in conn.execute(select(deliveries).order_by(deliveries.c.id)):
+            ids[d.subscription_id].append(d.id)
+    mine, theirs = ids["a"], ids["b"]
+
+    def ack(delivery_ids: list[int], subs: list[str]) -> list[int]:
+        with transaction(engine) as conn:
+            return queries.ack_deliveries(conn, delivery_ids, subs, clock.now())
+
+    def last_ack() -> dict[str, datetime | None]:
+        with engine.connect() as conn:
+            return dict(
+                conn.execute(
+                    select(subscriptions.c.subscription_id, subscriptions.c.last_ack_at)
+                ).all()
+            )
+
+    missing = 10**9
+    assert sorted(ack([*mine[:550], theirs[0], missing], ["a"])) == mine[:550]
+    assert last_ack() == {"a": clock.now(), "b": None}
+    first = clock.now()
+    clock.advance(0.5)
+    assert sorted(ack(mine[540:], ["a"])) == mine[550:]  # the first 10 were acked already
+    assert last_ack()["a"] == first  # within a second: not written again
+    clock.advance(1)
+    assert ack(mine, ["a"]) == []
+    assert sorted(ack([mine[0], *theirs], ["a", "b"])) == theirs
+    assert last_ack() == {"a": first, "b": clock.now()}
+    assert ack(mine, []) == []
+    with engine.connect() as conn:
+        pending = select(func.count()).where(deliveries.c.acked_at.is_(None))
+        assert conn.execute(pending).scalar() == 0

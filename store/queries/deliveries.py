@@ -14,7 +14,6 @@ from sqlalchemy import (
     Table,
     delete,
     exists,
-    or_,
     select,
     update,
 )
@@ -185,39 +184,38 @@ def ack_deliveries(
         return []
     acked: list[int] = []
     acking: set[str] = set()
+    subs = driver.list_param(conn, subscription_ids)
+    when = driver.param(conn, now)
     for chunk in chunks(delivery_ids):
-        named = (
-            select(deliveries.c.id, deliveries.c.subscription_id, deliveries.c.acked_at)
-            .where(deliveries.c.id.in_(chunk))
-            .cte("named")
-            .prefix_with("MATERIALIZED")
-        )
-        theirs = select(named.c.id).where(
-            named.c.subscription_id.in_(list(subscription_ids)), named.c.acked_at.is_(None)
-        )
-        result = conn.execute(
-            update(deliveries)
-            .where(deliveries.c.id.in_(theirs))
-            .values(acked_at=now)
-            .returning(deliveries.c.id, deliveries.c.subscription_id)
-        )
-        for delivery_id, subscription_id in result:
+        ids = driver.list_param(conn, chunk)
+        for delivery_id, subscription_id in driver.fetch(
+            conn, driver.in_list(conn, _ACK), (ids, when, subs)
+        ):
             acked.append(delivery_id)
             acking.add(subscription_id)
     if acking:
         # At most one write a second per subscription, not one per ack group.
-        conn.execute(
-            update(subscriptions)
-            .where(
-                subscriptions.c.subscription_id.in_(sorted(acking)),
-                or_(
-                    subscriptions.c.last_ack_at.is_(None),
-                    subscriptions.c.last_ack_at < now - timedelta(seconds=1),
-                ),
-            )
-            .values(last_ack_at=now)
+        driver.execute(
+            conn,
+            driver.in_list(conn, _LAST_ACK),
+            (now, driver.list_param(conn, sorted(acking)), now - timedelta(seconds=1)),
         )
     return acked
+
+
+# Plain SQL through the driver: one statement for any number of ids (an ack names one read's
+# worth, up to hundreds), where Core built, compiled and bound an expanding IN each time.
+_ACK: Final = (
+    "WITH named AS MATERIALIZED "
+    "(SELECT id, subscription_id, acked_at FROM deliveries WHERE id IN ?*) "
+    "UPDATE deliveries SET acked_at = ? WHERE id IN "
+    "(SELECT id FROM named WHERE subscription_id IN ?* AND acked_at IS NULL) "
+    "RETURNING id, subscription_id"
+)
+_LAST_ACK: Final = (
+    "UPDATE subscriptions SET last_ack_at = ? WHERE subscription_id IN ?* "
+    "AND (last_ack_at IS NULL OR last_ack_at < ?)"
+)
 
 
 def release_unacked(conn: Connection, subscription_ids: Sequence[str], now: datetime) -> None:

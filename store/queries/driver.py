@@ -187,6 +187,25 @@ def param(conn: Connection, value: Any) -> Any:
     return value
 
 
+def in_list(conn: Connection, sql: str) -> str:
+    """``sql`` with each ``IN ?*`` made a test against one list parameter (see
+    :func:`list_param`): ``IN (SELECT value FROM json_each(?))`` on SQLite, ``= ANY(?)`` on
+    PostgreSQL. One statement for any length of list: no statement per length to prepare."""
+    return _in_list(conn.dialect.name, sql)
+
+
+@functools.cache
+def _in_list(dialect: str, sql: str) -> str:
+    test = "IN (SELECT value FROM json_each(?))" if dialect == "sqlite" else "= ANY(?)"
+    return sql.replace("IN ?*", test)
+
+
+def list_param(conn: Connection, values: Sequence[Any]) -> Any:
+    """The parameter of an ``IN ?*`` (:func:`in_list`): JSON text on SQLite, an array on
+    PostgreSQL."""
+    return json_dumps(list(values)) if conn.dialect.name == "sqlite" else list(values)
+
+
 def execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
     """One statement with ``?`` parameters (``%s`` on PostgreSQL); the rows it changed (-1
     in a :func:`pipeline`: its answer is not waited for)."""
