@@ -84,7 +84,7 @@ def parse_fire_at(value: str, tz: ZoneInfo) -> datetime:
     m = _FIRE_AT.match(value.strip())
     if not m:
         raise _bad("fireAt", value, FIRE_AT_FORMAT)
-    year, month, day, hour, minute = (int(m.group(i)) for i in range(1, 6))
+    year, month, day, hour, minute = map(int, m.group(1, 2, 3, 4, 5))
     second = int(m.group(6) or 0)
     micro = int((m.group(7) or "0").ljust(6, "0"))
     offset = m.group(8)
@@ -92,9 +92,9 @@ def parse_fire_at(value: str, tz: ZoneInfo) -> datetime:
         if offset is None:
             local = datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
             return local.astimezone(UTC)
+        if offset in ("Z", "z"):  # built aware: replace(tzinfo=…) costs as much again
+            return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
         naive = datetime(year, month, day, hour, minute, second, micro)
-        if offset in ("Z", "z"):
-            return naive.replace(tzinfo=UTC)
         sign = 1 if offset[0] == "+" else -1
         digits = offset[1:].replace(":", "")
         oh, om = int(digits[:2]), int(digits[2:])
