@@ -290,14 +290,16 @@ class Database:
             conn.close()
 
 
-def one_database_args(description: str, n: int, size: bool = False) -> argparse.Namespace:
+def one_database_args(
+    description: str, n: int, size: bool = False, default_size: int = 1
+) -> argparse.Namespace:
     """The command line of a measure on one database: ``--db``, ``--n`` (default ``n``),
-    ``--pg-url`` and, with ``size``, ``--size`` (default 1)."""
+    ``--pg-url`` and, with ``size``, ``--size`` (default ``default_size``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgres"])
     parser.add_argument("--n", type=int, default=n)
     if size:
-        parser.add_argument("--size", type=int, default=1)
+        parser.add_argument("--size", type=int, default=default_size)
     parser.add_argument("--pg-url", default=DEFAULT_PG_ADMIN)
     return parser.parse_args()
 

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import command_batch as bench_command_batch  # noqa: E402
 from bench import common as bench_common  # noqa: E402
 from bench import fire_batch as bench_fire_batch  # noqa: E402
 from bench import multi as bench_multi  # noqa: E402
@@ -176,5 +177,22 @@ def test_fire_batch_fires_size_timers_per_transaction_and_sends_them(
             assert conn.execute(sent).scalar() == 20 * size
             due = select(func.count()).where(timers.c.due_at.is_not(None))
             assert conn.execute(due).scalar() == 0
+    finally:
+        engine.dispose()
+
+
+def test_command_batch_sets_every_timer_of_every_group(tmp_path: Path) -> None:
+    from sqlalchemy import func, select
+
+    from program_timer.store.db import make_engine
+    from program_timer.store.schema import timers
+
+    url = bench_common.Database("sqlite", tmp_path).fresh("commands")
+    times = bench_command_batch.measure(url, 3, 5)  # raises if a command was refused
+    assert len(times) == 3 and all(t > 0 and cpu > 0 for t, cpu in times)
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(timers)).scalar() == 15
     finally:
         engine.dispose()
