@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -115,6 +116,7 @@ class Daemon:
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         """Every component in order; each registers its clean-up on ``stack`` as it starts."""
         await self._open_store(stack)
+        _freeze_startup_objects()
         self._start_workers(stack)
         await self._start_delivery(stack)
         self._start_firing(stack)
@@ -331,6 +333,17 @@ async def _watchdog(interval: float) -> None:
     while True:
         systemd.notify("WATCHDOG=1")
         await asyncio.sleep(interval)
+
+
+def _freeze_startup_objects() -> None:
+    """Collect once, then leave every object alive now (modules, the schema, SQLAlchemy's and
+    pydantic's structures: some 80,000) out of all later collections (``gc.freeze``). They live
+    as long as the daemon; otherwise each full collection walks them all, with the GIL held:
+    50 ms in which no thread fires, answers or pushes (measured in a fire-batch loop on the
+    2-core machine of 2026-12-03; the first comes soon after start-up, while the new objects of
+    the imports are still counted as pending)."""
+    gc.collect()
+    gc.freeze()
 
 
 def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
