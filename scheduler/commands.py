@@ -98,19 +98,18 @@ class _Batch:
 
     def preload(self, keys: list[Key], personas: list[str], act_ids: list[str]) -> None:
         missing = [k for k in keys if k not in self.timers]
-        if missing:
-            loaded = queries.load_timers(self.conn, missing)
-            for key in missing:
-                timer = loaded.get(key)
-                self.timers[key] = timer
-                self.states[key] = None if timer is None else timer.state
-                if timer is not None and timer.id is not None:
-                    self.ids[key] = timer.id
         need = [p for p in personas if p not in self.counts]
-        if need:
-            self.counts.update(queries.count_timers(self.conn, need))
-        if act_ids:
-            self.acts.update(queries.load_command_acts(self.conn, act_ids))
+        if not (missing or need or act_ids):
+            return
+        loaded, counts, acts = queries.load_working_set(self.conn, missing, need, act_ids)
+        for key in missing:
+            timer = loaded.get(key)
+            self.timers[key] = timer
+            self.states[key] = None if timer is None else timer.state
+            if timer is not None and timer.id is not None:
+                self.ids[key] = timer.id
+        self.counts.update(counts)
+        self.acts.update(acts)
 
     def flush(self) -> None:
         inserts, updates, deletes = [], [], []
@@ -130,10 +129,13 @@ class _Batch:
             else:
                 timer.id = row_id
                 updates.append(timer)
-        queries.delete_timer_ids(self.conn, deletes)
-        queries.update_timers(self.conn, updates)
-        queries.insert_timers(self.conn, inserts)
-        queries.add_timer_counts(self.conn, changes)
+        # Sent together, in one round trip on PostgreSQL (up to the rows that go by COPY).
+        with queries.pipeline(self.conn):
+            queries.delete_timer_ids(self.conn, deletes)
+            queries.update_timers(self.conn, updates)
+            queries.insert_timers(self.conn, inserts)
+            queries.add_timer_counts(self.conn, changes)
+            queries.save_command_acts(self.conn, self.new_acts)
         if inserts:
             # New rows got ids; forget them so a later command in this batch re-reads them.
             for timer in inserts:
@@ -141,7 +143,6 @@ class _Batch:
                 self.timers.pop(key, None)
                 self.states.pop(key, None)
         self.dirty.clear()
-        queries.save_command_acts(self.conn, self.new_acts)
         self.new_acts.clear()
 
     def forget_persona(self, persona_id: str) -> None:

@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 from program_timer.store.queries.command_acts import (
-    load_command_acts as load_command_acts,
-)
-from program_timer.store.queries.command_acts import (
     purge_command_acts as purge_command_acts,
 )
 from program_timer.store.queries.command_acts import (
@@ -128,9 +125,6 @@ from program_timer.store.queries.timers import (
     count_change as count_change,
 )
 from program_timer.store.queries.timers import (
-    count_timers as count_timers,
-)
-from program_timer.store.queries.timers import (
     delete_persona_timers as delete_persona_timers,
 )
 from program_timer.store.queries.timers import (
@@ -146,7 +140,7 @@ from program_timer.store.queries.timers import (
     list_timers as list_timers,
 )
 from program_timer.store.queries.timers import (
-    load_timers as load_timers,
+    load_working_set as load_working_set,
 )
 from program_timer.store.queries.timers import (
     next_due_at as next_due_at,

@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import Connection, delete
 
-from program_timer.store.queries.batches import chunks
+from program_timer.store.queries import driver
 from program_timer.store.schema import command_acts
 
 
-def load_command_acts(conn: Connection, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    for chunk in chunks(list(set(ids))):
-        stmt = select(command_acts.c.command_act_id, command_acts.c.reply).where(
-            command_acts.c.command_act_id.in_(chunk)
-        )
-        for act_id, reply in conn.execute(stmt):
-            found[act_id] = reply
-    return found
+def acts_statements(conn: Connection, ids: Sequence[str]) -> list[driver.Statement]:
+    """The queries for the first replies of these ids (for :func:`driver.fetch_many`; their
+    rows through :func:`acts_from_rows`)."""
+    if not ids:
+        return []
+    where = driver.in_list(conn, "command_act_id IN ?*")
+    return [driver.select_statement(conn, command_acts, where, (driver.list_param(conn, ids),))]
+
+
+def acts_from_rows(results: Sequence[Sequence[Sequence[Any]]]) -> dict[str, dict[str, Any]]:
+    return {row[0]: row[1] for rows in results for row in rows}
+
+
+_ACT_COLUMNS: Final = ("command_act_id", "reply", "created_at")
 
 
 def save_command_acts(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(insert(command_acts), list(rows))
+    """Rows: ``command_act_id``, ``reply``, ``created_at``."""
+    driver.insert_rows(
+        conn, command_acts, _ACT_COLUMNS, [[r[c] for c in _ACT_COLUMNS] for r in rows]
+    )
 
 
 def purge_command_acts(conn: Connection, before: datetime) -> int:

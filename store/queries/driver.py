@@ -162,21 +162,32 @@ def _readers(dialect: str, table: Table) -> RowConverter:
 
 
 def select_statement(
-    conn: Connection, table: Table, where: str, params: Sequence[Any]
+    conn: Connection, table: Table, where: str, params: Sequence[Any], *, keys: str = ""
 ) -> Statement:
     """For :func:`fetch_many`: ``SELECT`` every column of ``table`` (in the schema's order)
     ``where`` …, the values read as the column types would give them (aware UTC datetimes,
-    dicts, booleans). ``where`` uses ``?`` for parameters; it becomes ``%s`` on PostgreSQL."""
+    dicts, booleans). ``where`` uses ``?`` for parameters; it becomes ``%s`` on PostgreSQL.
+    ``keys``: a ``WITH`` clause that names the relation ``k``, joined to the table by ``where``
+    (its parameters first)."""
     dialect = conn.dialect.name
-    sql = _select_sql(dialect, table.name, tuple(c.name for c in table.c), where)
-    return Statement(sql, tuple(params), _readers(dialect, table))
+    columns = tuple(c.name for c in table.c)
+    return Statement(
+        _select_sql(dialect, table.name, columns, where, keys),
+        tuple(params),
+        _readers(dialect, table),
+    )
 
 
 @functools.cache
-def _select_sql(dialect: str, table: str, columns: tuple[str, ...], where: str) -> str:
-    if dialect != "sqlite":
-        where = where.replace("?", "%s")
-    return f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
+def _select_sql(dialect: str, table: str, columns: tuple[str, ...], where: str, keys: str) -> str:
+    names = ", ".join(f"{table}.{c}" for c in columns)
+    source = (
+        f"{keys} SELECT {names} FROM k JOIN {table} ON"
+        if keys
+        else f"SELECT {names} FROM {table} WHERE"
+    )
+    sql = f"{source} {where}"
+    return sql if dialect == "sqlite" else sql.replace("?", "%s")
 
 
 def param(conn: Connection, value: Any) -> Any:

@@ -8,16 +8,16 @@ import itertools
 import operator
 import random
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, delete, func, select, text
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy import Connection, Row, delete, func, select
 
 from program_timer.core.model import FIRED, Timer
 from program_timer.store.queries import driver
 from program_timer.store.queries.batches import chunks
+from program_timer.store.queries.command_acts import acts_from_rows, acts_statements
 from program_timer.store.queries.subscriptions import (
     SUBSCRIPTION_FILTERS,
     SubscriptionFilter,
@@ -48,38 +48,64 @@ def _timer_from_values(row: Sequence[Any]) -> Timer:
     return timer
 
 
-def load_timers(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Timer]:
-    """The timers with these keys: one index probe per key.
+def load_working_set(
+    conn: Connection,
+    keys: Sequence[tuple[str, str]],
+    personas: Sequence[str],
+    act_ids: Sequence[str],
+) -> tuple[dict[tuple[str, str], Timer], dict[str, int], dict[str, dict[str, Any]]]:
+    """What a command group reads before it applies its commands: the timers with these keys
+    (one index probe per key), how many timers each of ``personas`` has, and the first replies
+    of these ``commandActId``s. Plain SQL through the driver, all in one round trip on
+    PostgreSQL (a pipeline: the transaction's ``BEGIN`` goes with them).
 
     The keys are joined as a ``VALUES`` list: SQLite scans the whole table for a row-value
     ``IN``, and ``persona_id IN … AND timer_name IN …`` probes every combination.
     """
     ordered = list(dict.fromkeys(keys))
-    found: dict[tuple[str, str], Timer] = {}
+    statements: list[driver.Statement] = []
     for chunk in chunks(ordered):
         # Pad to a power of two (repeating the last key) so that only a few statement shapes
-        # exist: each shape is compiled and cached by SQLAlchemy and by the driver.
+        # exist, each prepared once by the driver.
         chunk += [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk))
-        params: dict[str, str] = {}
-        for i, (persona, name) in enumerate(chunk):
-            params[f"p{i}"] = persona
-            params[f"n{i}"] = name
-        for row in conn.execute(_load_statement(len(chunk)), params):
-            t = timer_from_row(row)
+        params = [value for key in chunk for value in key]
+        statements.append(
+            driver.select_statement(
+                conn,
+                timers,
+                "timers.persona_id = k.p AND timers.timer_name = k.n",
+                params,
+                keys=_keys_clause(len(chunk)),
+            )
+        )
+    timer_queries = len(statements)
+    unique = list(dict.fromkeys(personas))
+    if unique:
+        counting = driver.in_list(conn, _COUNT_SQL)
+        statements.append(driver.Statement(counting, (driver.list_param(conn, unique),)))
+    statements += acts_statements(conn, act_ids)
+    with driver.pipeline(conn):
+        results = driver.fetch_many(conn, statements)
+    found: dict[tuple[str, str], Timer] = {}
+    for rows in results[:timer_queries]:
+        for row in rows:
+            t = _timer_from_values(row)
             found[(t.persona_id, t.timer_name)] = t
-    return found
+    counts = dict.fromkeys(unique, 0)
+    if unique:
+        counts.update(dict(results[timer_queries]))
+    acts = acts_from_rows(results[timer_queries + bool(unique) :])
+    return found, counts, acts
 
 
 @functools.cache
-def _load_statement(size: int) -> TextClause:
-    rows = ", ".join(f"(:p{i}, :n{i})" for i in range(size))
-    # The columns by name, in the schema's order: `.columns()` maps them by position, and a
-    # migrated table has its later columns at the end.
-    names = ", ".join(f"timers.{c.name}" for c in timers.c)
-    return text(
-        f"WITH k(p, n) AS (VALUES {rows}) SELECT {names} FROM k JOIN timers "
-        "ON timers.persona_id = k.p AND timers.timer_name = k.n"
-    ).columns(*timers.c)  # type: ignore[return-value]
+def _keys_clause(size: int) -> str:
+    return f"WITH k(p, n) AS (VALUES {', '.join(['(?, ?)'] * size)})"
+
+
+_COUNT_SQL: Final = (
+    "SELECT persona_id, count(*) FROM timers WHERE persona_id IN ?* GROUP BY persona_id"
+)
 
 
 def get_timer(conn: Connection, persona_id: str, timer_name: str) -> Timer | None:
@@ -87,20 +113,6 @@ def get_timer(conn: Connection, persona_id: str, timer_name: str) -> Timer | Non
         select(timers).where(timers.c.persona_id == persona_id, timers.c.timer_name == timer_name)
     ).first()
     return timer_from_row(row) if row else None
-
-
-def count_timers(conn: Connection, personas: Iterable[str]) -> dict[str, int]:
-    unique = list(set(personas))
-    counts = dict.fromkeys(unique, 0)
-    for chunk in chunks(unique):
-        stmt = (
-            select(timers.c.persona_id, func.count())
-            .where(timers.c.persona_id.in_(chunk))
-            .group_by(timers.c.persona_id)
-        )
-        for persona, n in conn.execute(stmt):
-            counts[persona] = n
-    return counts
 
 
 def insert_timers(conn: Connection, new: Sequence[Timer]) -> None:
@@ -113,7 +125,8 @@ def update_timers(conn: Connection, changed: Sequence[Timer]) -> None:
 
 def delete_timer_ids(conn: Connection, ids: Sequence[int]) -> None:
     if ids:
-        conn.execute(delete(timers).where(timers.c.id.in_(list(ids))))
+        sql = driver.in_list(conn, "DELETE FROM timers WHERE id IN ?*")
+        driver.execute(conn, sql, (driver.list_param(conn, ids),))
 
 
 def delete_persona_timers(conn: Connection, persona_id: str) -> int:
