@@ -186,20 +186,22 @@ def ack_deliveries(
     acking: set[str] = set()
     subs = driver.list_param(conn, subscription_ids)
     when = driver.param(conn, now)
-    for chunk in chunks(delivery_ids):
-        ids = driver.list_param(conn, chunk)
-        for delivery_id, subscription_id in driver.fetch(
-            conn, driver.in_list(conn, _ACK), (ids, when, subs)
-        ):
-            acked.append(delivery_id)
-            acking.add(subscription_id)
-    if acking:
-        # At most one write a second per subscription, not one per ack group.
-        driver.execute(
-            conn,
-            driver.in_list(conn, _LAST_ACK),
-            (now, driver.list_param(conn, sorted(acking)), now - timedelta(seconds=1)),
-        )
+    # PostgreSQL: the transaction's BEGIN goes out with the first UPDATE (a round trip fewer).
+    with driver.pipeline(conn):
+        for chunk in chunks(delivery_ids):
+            ids = driver.list_param(conn, chunk)
+            for delivery_id, subscription_id in driver.fetch(
+                conn, driver.in_list(conn, _ACK), (ids, when, subs)
+            ):
+                acked.append(delivery_id)
+                acking.add(subscription_id)
+        if acking:
+            # At most one write a second per subscription, not one per ack group.
+            driver.execute(
+                conn,
+                driver.in_list(conn, _LAST_ACK),
+                (now, driver.list_param(conn, sorted(acking)), now - timedelta(seconds=1)),
+            )
     return acked
 
 
