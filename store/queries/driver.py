@@ -1,4 +1,5 @@
-"""Writes on the hot paths (commands, fire batches) through the driver, not SQLAlchemy Core.
+"""Statements on the hot paths (fire batches, command groups, acks) through the driver, not
+SQLAlchemy Core.
 
 Core processes every bound value in Python (a UTC datetime goes through two bind processors,
 a JSON column through the serializer): at thousands of rows a second that was a third of the
@@ -11,7 +12,10 @@ by SQLAlchemy (:func:`_driver_errors`).
 
 On PostgreSQL a fire batch runs its statements in a :func:`pipeline`: they go to the server
 without waiting for each one's answer, and a query's rows wait for everything sent before them
-in one round trip (psycopg's pipeline mode). A one-fire batch was 14 round trips; it is 5.
+in one round trip (psycopg's pipeline mode). A one-fire batch was 14 round trips; it is 5. A
+command group sends its reads together, then its writes together; an ack group's ``BEGIN``
+goes with its first statement. Lists of ids go as one parameter (:func:`in_list`), so a
+statement is the same whatever their number.
 """
 
 from __future__ import annotations
