@@ -474,12 +474,9 @@ def _subscribe(engine: Engine, sub: str) -> None:
         )
 
 
-@pytest.mark.parametrize("n", [3, driver.PIPELINE_ROWS * 3])
-def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engine, n: int) -> None:
-    """Small batches go out as one pipeline of statements on PostgreSQL, larger ones leave it
-    for ``COPY`` half-way: either way every event is written with one delivery per
-    subscription, those the batch sends itself marked sent (and pushed by their ids), the rest
-    waiting for the pump, each delivery naming its event, ids in event order."""
+def _due_with_two_subscriptions(engine: Engine, n: int) -> FakeClock:
+    """Subscriptions ``a`` and ``b`` (no filter) and ``n`` one-shot timers due; the clock
+    returned is past their time."""
     clock = FakeClock(T0)
     _subscribe(engine, "a")
     _subscribe(engine, "b")
@@ -492,6 +489,16 @@ def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engi
         ),
     )
     clock.advance(10)
+    return clock
+
+
+@pytest.mark.parametrize("n", [3, driver.PIPELINE_ROWS * 3])
+def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engine, n: int) -> None:
+    """Small batches go out as one pipeline of statements on PostgreSQL, larger ones leave it
+    for ``COPY`` half-way: either way every event is written with one delivery per
+    subscription, those the batch sends itself marked sent (and pushed by their ids), the rest
+    waiting for the pump, each delivery naming its event, ids in event order."""
+    clock = _due_with_two_subscriptions(engine, n)
     window = n // 2
     result = fire(engine, clock, direct=Direct({"a": window}, T0 + timedelta(seconds=40)))
     assert result.fired == n and result.deliveries == 2 * n
@@ -574,22 +581,11 @@ def test_acks_end_only_the_acking_subscriptions_pending_deliveries_once(engine: 
     """An ack names delivery ids: those of the acking connection's subscriptions that are not
     acked yet are acked now (and returned, once), any other id is left alone; more ids than
     one statement's chunk are all acked; ``last_ack_at`` is written at most once a second."""
-    clock = FakeClock(T0)
-    _subscribe(engine, "a")
-    _subscribe(engine, "b")
     n = 600  # more than one chunk of ids
-    run(
-        engine,
-        clock,
-        *(
-            req(personaId="p", timerName=f"t{i:03}", fireAt="2026-03-01T12:00:05Z")
-            for i in range(n)
-        ),
-    )
-    clock.advance(10)
+    clock = _due_with_two_subscriptions(engine, n)
     assert fire(engine, clock).deliveries == 2 * n
     with engine.connect() as conn:
-        ids = {s: [] for s in ("a", "b")}
+        ids: dict[str, list[int]] = {s: [] for s in ("a", "b")}
         for d in conn.execute(select(deliveries).order_by(deliveries.c.id)):
             ids[d.subscription_id].append(d.id)
     mine, theirs = ids["a"], ids["b"]
