@@ -6,11 +6,10 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import (
     Connection,
-    Row,
     Table,
     delete,
     exists,
@@ -82,10 +81,41 @@ def resend_delay(attempt: int, ack_timeout: float, retry_max_delay: float) -> fl
     return min(ack_timeout * 2.0**doublings, max(retry_max_delay, ack_timeout))
 
 
+class DueDelivery(NamedTuple):
+    """A pending delivery that may be sent now, with what its event message carries."""
+
+    id: int
+    attempt: int
+    external_event_id: str
+    persona_id: str
+    connector_idn: str
+    command_act_id: str
+    arguments: dict[str, str]
+
+
+_DUE_COLUMNS: Final = (
+    deliveries.c.id,
+    deliveries.c.attempt,
+    events.c.external_event_id,
+    events.c.persona_id,
+    events.c.connector_idn,
+    events.c.command_act_id,
+    events.c.arguments,
+)
+_DUE_SQL: Final = (
+    f"SELECT {', '.join(f'{c.table.name}.{c.name}' for c in _DUE_COLUMNS)} "
+    "FROM deliveries JOIN events ON events.id = deliveries.event_id "
+    "WHERE deliveries.subscription_id = ? AND deliveries.acked_at IS NULL "
+    "AND deliveries.dead_at IS NULL AND deliveries.next_attempt_at <= ? "
+    f"ORDER BY {', '.join(f'deliveries.{c.name}' for c in PENDING_ORDER)} LIMIT ?"
+)
+
+
 def due_deliveries(
     conn: Connection, subscription_id: str, now: datetime, limit: int
-) -> list[Row[Any]]:
-    """Pending deliveries of a subscription that may be sent now, in fire order.
+) -> list[DueDelivery]:
+    """Pending deliveries of a subscription that may be sent now, in fire order (plain SQL
+    through the driver: the refill runs it for every lagging subscription).
 
     Ordered like ``ix_deliveries_pending`` (``subscription_id``, ``acked_at`` and ``dead_at``
     are fixed by the filter, so this is the order of ``id``): PostgreSQL then reads that index
@@ -94,27 +124,12 @@ def due_deliveries(
     Statistics taken while almost nothing was pending still mislead it into the sort. Dead
     deliveries are outside the range: however many there are, they cost a refill nothing.
     """
-    stmt = (
-        select(
-            deliveries.c.id,
-            deliveries.c.attempt,
-            events.c.external_event_id,
-            events.c.persona_id,
-            events.c.connector_idn,
-            events.c.command_act_id,
-            events.c.arguments,
-        )
-        .join(events, events.c.id == deliveries.c.event_id)
-        .where(
-            deliveries.c.subscription_id == subscription_id,
-            deliveries.c.acked_at.is_(None),
-            deliveries.c.dead_at.is_(None),
-            deliveries.c.next_attempt_at <= now,
-        )
-        .order_by(*PENDING_ORDER)
-        .limit(limit)
+    statement = driver.Statement(
+        _DUE_SQL,
+        (subscription_id, driver.param(conn, now), limit),
+        driver.column_readers(conn, _DUE_COLUMNS),
     )
-    return list(conn.execute(stmt))
+    return [DueDelivery._make(row) for row in driver.fetch_many(conn, [statement])[0]]
 
 
 def mark_sent(
@@ -134,18 +149,16 @@ def mark_sent(
     by_attempt: dict[int, list[int]] = {}
     for delivery_id, attempt in sent:
         by_attempt.setdefault(attempt + 1, []).append(delivery_id)
+    sql = driver.in_list(conn, _MARK_SENT)
     for attempt, ids in by_attempt.items():
         resend_at = sent_at + timedelta(seconds=resend_delay(attempt, ack_timeout, retry_max_delay))
         for chunk in chunks(ids):
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id.in_(chunk))
-                .values(
-                    attempt=deliveries.c.attempt + 1,
-                    sent_at=sent_at,
-                    next_attempt_at=resend_at,
-                )
-            )
+            driver.execute(conn, sql, (sent_at, resend_at, driver.list_param(conn, chunk)))
+
+
+_MARK_SENT: Final = (
+    "UPDATE deliveries SET attempt = attempt + 1, sent_at = ?, next_attempt_at = ? WHERE id IN ?*"
+)
 
 
 def mark_dead(conn: Connection, delivery_ids: Sequence[int], now: datetime) -> int:

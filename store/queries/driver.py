@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, Table
+from sqlalchemy import Column, Connection, Table
 
 Converter = Callable[[Any], Any]
 RowConverter = Callable[[Sequence[Any]], list[Any]]
@@ -159,10 +159,19 @@ _SQLITE_READ: dict[str, Converter] = {
 _POSTGRES_READ: dict[str, Converter] = {"UTCDateTime": _pg_read_datetime}
 
 
-@functools.cache
 def _readers(dialect: str, table: Table) -> RowConverter:
+    return _column_readers(dialect, tuple(table.c))
+
+
+def column_readers(conn: Connection, columns: Sequence[Column[Any]]) -> RowConverter:
+    """What reads rows of these columns (of any tables) as the column types would give them."""
+    return _column_readers(conn.dialect.name, tuple(columns))
+
+
+@functools.cache
+def _column_readers(dialect: str, columns: tuple[Column[Any], ...]) -> RowConverter:
     by_type = _SQLITE_READ if dialect == "sqlite" else _POSTGRES_READ
-    return _row_converter(tuple(by_type.get(type(c.type).__name__, _same) for c in table.c))
+    return _row_converter(tuple(by_type.get(type(c.type).__name__, _same) for c in columns))
 
 
 def select_statement(
