@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
@@ -33,8 +33,36 @@ def path_of(url: URL) -> Path | None:
     return Path(url.database).resolve()
 
 
+MIN_VERSION: Final = (3, 35, 0)
+
+
+def check_library() -> None:
+    """Refuse, with what is missing, a SQLite library (the one Python's ``sqlite3`` was built
+    with) that lacks what the statements use: ``RETURNING`` and ``MATERIALIZED`` (3.35) and the
+    JSON functions (``json_each``: built in from 3.38, compiled in by most distributions
+    before)."""
+    found = sqlite3.sqlite_version_info
+    wanted = ".".join(map(str, MIN_VERSION))
+    if found < MIN_VERSION:
+        raise StoreError(
+            f"SQLite {sqlite3.sqlite_version} is too old: program-timer needs {wanted} or newer "
+            "(the library Python's sqlite3 module uses), or PostgreSQL"
+        )
+    probe = sqlite3.connect(":memory:")
+    try:
+        probe.execute("SELECT value FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError as exc:
+        raise StoreError(
+            f"SQLite {sqlite3.sqlite_version} has no JSON functions ({exc}): program-timer "
+            "needs a library built with them (the default from 3.38), or PostgreSQL"
+        ) from None
+    finally:
+        probe.close()
+
+
 def engine(url: URL, *, pool_size: int, timeout: float, read_only: str) -> Engine:
     """``timeout``: how long a connection waits for SQLite's lock (its busy timeout)."""
+    check_library()
     eng = create_engine(
         url,
         json_serializer=driver.json_dumps,

@@ -447,6 +447,42 @@ def test_bad_database_paths_stop_the_start_with_one_line(tmp_path: Path, case: s
         assert not (tmp_path / "nonexistent").exists()
 
 
+@pytest.mark.parametrize("lacking", ["version", "json"])
+def test_a_sqlite_library_without_what_the_statements_use_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lacking: str
+) -> None:
+    """RETURNING and MATERIALIZED need SQLite 3.35, the id lists ``json_each``: an older or
+    smaller library is refused when the engine is made, saying what it lacks (the CLI turns
+    that into one line and exit status 4), never at the first statement that needs it."""
+    from program_timer.store import sqlite as store_sqlite
+    from program_timer.store.errors import StoreError
+
+    if lacking == "version":
+        monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+        monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+        expected = "SQLite 3.31.1 is too old: program-timer needs 3.35.0 or newer"
+    else:
+        real_connect = sqlite3.connect
+
+        class WithoutJson:
+            def __init__(self) -> None:
+                self.db = real_connect(":memory:")
+
+            def execute(self, sql: str) -> sqlite3.Cursor:
+                if "json_each" in sql:
+                    raise sqlite3.OperationalError("no such table: json_each")
+                return self.db.execute(sql)
+
+            def close(self) -> None:
+                self.db.close()
+
+        monkeypatch.setattr(store_sqlite.sqlite3, "connect", lambda _name: WithoutJson())
+        expected = "has no JSON functions"
+    with pytest.raises(StoreError, match=expected):
+        make_engine(f"sqlite:///{tmp_path / 'timers.db'}")
+    assert not (tmp_path / "timers.db").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The socket
 
