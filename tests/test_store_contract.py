@@ -579,9 +579,9 @@ def test_errors_outside_sqlalchemy_are_counted_like_a_statements(engine: Engine,
 
 def test_acks_end_only_the_acking_subscriptions_pending_deliveries_once(engine: Engine) -> None:
     """An ack names delivery ids: those of the acking connection's subscriptions that are not
-    acked yet are acked now (and returned, once), any other id is left alone; more ids than
-    one statement's chunk are all acked; ``last_ack_at`` is written at most once a second."""
-    n = 600  # more than one chunk of ids
+    acked yet are acked now (and returned, once), any other id is left alone; hundreds of ids
+    in one ack are all acked; ``last_ack_at`` is written at most once a second."""
+    n = 600  # more ids than the chunks of other statements (512)
     clock = _due_with_two_subscriptions(engine, n)
     assert fire(engine, clock).deliveries == 2 * n
     with engine.connect() as conn:

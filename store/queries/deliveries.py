@@ -152,8 +152,7 @@ def mark_sent(
     sql = driver.in_list(conn, _MARK_SENT)
     for attempt, ids in by_attempt.items():
         resend_at = sent_at + timedelta(seconds=resend_delay(attempt, ack_timeout, retry_max_delay))
-        for chunk in chunks(ids):
-            driver.execute(conn, sql, (sent_at, resend_at, driver.list_param(conn, chunk)))
+        driver.execute(conn, sql, (sent_at, resend_at, driver.list_param(conn, ids)))
 
 
 _MARK_SENT: Final = (
@@ -201,13 +200,12 @@ def ack_deliveries(
     when = driver.param(conn, now)
     # PostgreSQL: the transaction's BEGIN goes out with the first UPDATE (a round trip fewer).
     with driver.pipeline(conn):
-        for chunk in chunks(delivery_ids):
-            ids = driver.list_param(conn, chunk)
-            for delivery_id, subscription_id in driver.fetch(
-                conn, driver.in_list(conn, _ACK), (ids, when, subs)
-            ):
-                acked.append(delivery_id)
-                acking.add(subscription_id)
+        ids = driver.list_param(conn, delivery_ids)
+        for delivery_id, subscription_id in driver.fetch(
+            conn, driver.in_list(conn, _ACK), (ids, when, subs)
+        ):
+            acked.append(delivery_id)
+            acking.add(subscription_id)
         if acking:
             # At most one write a second per subscription, not one per ack group.
             driver.execute(
@@ -219,7 +217,8 @@ def ack_deliveries(
 
 
 # Plain SQL through the driver: one statement for any number of ids (an ack names one read's
-# worth, up to hundreds), where Core built, compiled and bound an expanding IN each time.
+# worth, up to hundreds; the ids are one parameter, so no chunks), where Core built, compiled
+# and bound an expanding IN each time.
 _ACK: Final = (
     "WITH named AS MATERIALIZED "
     "(SELECT id, subscription_id, acked_at FROM deliveries WHERE id IN ?*) "

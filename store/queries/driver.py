@@ -179,28 +179,27 @@ def select_statement(
 ) -> Statement:
     """For :func:`fetch_many`: ``SELECT`` every column of ``table`` (in the schema's order)
     ``where`` …, the values read as the column types would give them (aware UTC datetimes,
-    dicts, booleans). ``where`` uses ``?`` for parameters; it becomes ``%s`` on PostgreSQL.
-    ``keys``: a ``WITH`` clause that names the relation ``k``, joined to the table by ``where``
-    (its parameters first)."""
-    dialect = conn.dialect.name
+    dicts, booleans). ``where`` uses ``?`` for parameters (``%s`` on PostgreSQL, made so by
+    :func:`fetch_many`). ``keys``: a ``WITH`` clause that names the relation ``k``, joined to
+    the table by ``where`` (its parameters first)."""
     columns = tuple(c.name for c in table.c)
     return Statement(
-        _select_sql(dialect, table.name, columns, where, keys),
+        _select_sql(table.name, columns, where, keys),
         tuple(params),
-        _readers(dialect, table),
+        _readers(conn.dialect.name, table),
     )
 
 
 @functools.cache
-def _select_sql(dialect: str, table: str, columns: tuple[str, ...], where: str, keys: str) -> str:
+def _select_sql(table: str, columns: tuple[str, ...], where: str, keys: str) -> str:
+    """With ``?`` marks, as every :class:`Statement` (:func:`fetch_many` makes them ``%s``)."""
     names = ", ".join(f"{table}.{c}" for c in columns)
     source = (
         f"{keys} SELECT {names} FROM k JOIN {table} ON"
         if keys
         else f"SELECT {names} FROM {table} WHERE"
     )
-    sql = f"{source} {where}"
-    return sql if dialect == "sqlite" else sql.replace("?", "%s")
+    return f"{source} {where}"
 
 
 def param(conn: Connection, value: Any) -> Any:
