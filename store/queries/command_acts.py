@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy import Connection, delete
 
@@ -25,14 +25,9 @@ def acts_from_rows(results: Sequence[Sequence[Sequence[Any]]]) -> dict[str, dict
     return {row[0]: row[1] for rows in results for row in rows}
 
 
-_ACT_COLUMNS: Final = ("command_act_id", "reply", "created_at")
-
-
 def save_command_acts(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Rows: ``command_act_id``, ``reply``, ``created_at``."""
-    driver.insert_rows(
-        conn, command_acts, _ACT_COLUMNS, [[r[c] for c in _ACT_COLUMNS] for r in rows]
-    )
+    driver.insert_dicts(conn, command_acts, rows)
 
 
 def purge_command_acts(conn: Connection, before: datetime) -> int:

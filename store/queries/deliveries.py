@@ -3,14 +3,12 @@ them, acks and the purge end them."""
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import (
     Connection,
-    Table,
     delete,
     exists,
     select,
@@ -47,19 +45,11 @@ _MAX_IDS: Final = (
 
 def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Rows carry their ``id`` (see :func:`allocate_ids`)."""
-    _insert_dicts(conn, events, rows)
+    driver.insert_dicts(conn, events, rows)
 
 
 def insert_deliveries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    _insert_dicts(conn, deliveries, rows)
-
-
-def _insert_dicts(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows with the same keys, the first row's order giving the columns'."""
-    if rows:
-        columns = tuple(rows[0])
-        values = operator.itemgetter(*columns)
-        driver.insert_rows(conn, table, columns, [values(r) for r in rows])
+    driver.insert_dicts(conn, deliveries, rows)
 
 
 # Pending: neither acked nor dead. Both are columns of ix_deliveries_pending, before ``id``: a

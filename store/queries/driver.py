@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -348,6 +349,18 @@ def insert_rows(
         _copy_rows(conn, f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", conv, rows)
         return
     _run(conn, _insert_sql(dialect, table.name, columns), _convert(conv, rows), many=True)
+
+
+def insert_dicts(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """:func:`insert_rows` for rows given as dicts with the same keys, the first row's order
+    giving the columns'."""
+    if rows:
+        columns = tuple(rows[0])
+        if len(columns) == 1:
+            insert_rows(conn, table, columns, [(r[columns[0]],) for r in rows])
+        else:
+            values = operator.itemgetter(*columns)
+            insert_rows(conn, table, columns, [values(r) for r in rows])
 
 
 def _convert(conv: tuple[Converter, ...], rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
