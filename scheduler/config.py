@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     max_arguments: int = Field(default=64, ge=1, le=10_000)
     max_argument_length: int = Field(default=65536, ge=1, le=16 * 1024 * 1024)
     max_arguments_size: int = Field(default=262144, ge=1, le=16 * 1024 * 1024)
-    max_inflight: int = Field(default=1000, ge=1, le=100_000)
+    max_inflight: int = Field(default=4000, ge=1, le=100_000)
     max_pipeline: int = Field(default=1000, ge=1, le=100_000)
     fire_batch_size: int = Field(default=1000, ge=1, le=10000)
     command_batch_size: int = Field(default=512, ge=1, le=10000)
