@@ -178,20 +178,14 @@ def _record_events(
         row["id"] = event_id
     queries.insert_events(conn, event_rows)
     resend_at = direct.resend_at if direct is not None else now
-    queries.insert_deliveries(
+    queries.insert_fired_deliveries(
         conn,
         [
-            {
-                "id": delivery_id,
-                "subscription_id": sub,
-                "event_id": row["id"],
-                "attempt": 1 if sent else 0,
-                "next_attempt_at": resend_at if sent else now,
-                "sent_at": now if sent else None,
-                "created_at": now,
-            }
+            (delivery_id, row["id"], sub, int(sent))
             for (row, sub, sent), delivery_id in zip(routed, delivery_ids, strict=True)
         ],
+        now=now,
+        resend_at=resend_at,
     )
     result.sends = [
         Send(sub, delivery_id, _event_of(row))

@@ -495,7 +495,8 @@ def _due_with_two_subscriptions(engine: Engine, n: int) -> FakeClock:
 @pytest.mark.parametrize("n", [3, driver.PIPELINE_ROWS * 3])
 def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engine, n: int) -> None:
     """Small batches go out as one pipeline of statements on PostgreSQL, larger ones leave it
-    for ``COPY`` half-way: either way every event is written with one delivery per
+    for the events' ``COPY`` half-way (their deliveries are one statement either way, row by
+    row when few, from arrays when many): every event is written with one delivery per
     subscription, those the batch sends itself marked sent (and pushed by their ids), the rest
     waiting for the pump, each delivery naming its event, ids in event order."""
     clock = _due_with_two_subscriptions(engine, n)
@@ -513,6 +514,7 @@ def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engi
     for d in rows:
         if d.sent_at is not None:
             assert d.subscription_id == "a" and d.attempt == 1
+            assert d.sent_at == clock.now() and d.next_attempt_at == T0 + timedelta(seconds=40)
         else:
             assert d.attempt == 0 and d.next_attempt_at == clock.now()
     assert [d.event_id for d in rows if d.subscription_id == "a"] == sorted(evs)

@@ -35,6 +35,9 @@ from program_timer.store.queries.deliveries import (
     insert_events as insert_events,
 )
 from program_timer.store.queries.deliveries import (
+    insert_fired_deliveries as insert_fired_deliveries,
+)
+from program_timer.store.queries.deliveries import (
     mark_dead as mark_dead,
 )
 from program_timer.store.queries.deliveries import (

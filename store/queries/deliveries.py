@@ -52,6 +52,65 @@ def insert_deliveries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     driver.insert_dicts(conn, deliveries, rows)
 
 
+def insert_fired_deliveries(
+    conn: Connection,
+    rows: Sequence[tuple[int, int, str, int]],
+    *,
+    now: datetime,
+    resend_at: datetime,
+) -> None:
+    """A fire batch's deliveries, ``(delivery id, event id, subscription, sent)`` each, in
+    one statement whatever their number. Sent ones (``sent`` 1: the batch pushes them itself
+    once committed) are written as sent once: ``attempt`` 1, ``sent_at`` now, due again at
+    ``resend_at``; the others (0) wait for the pump: ``attempt`` 0, due now.
+
+    The rows go as one parameter, a JSON array read by ``json_each`` on SQLite and arrays read
+    by ``unnest`` on PostgreSQL: the constant columns are bound once, not once a row, and no
+    row is converted in Python. On SQLite that is a third less time per row than
+    ``executemany`` (the driver binds and steps each row), and on PostgreSQL the statement stays
+    in the fire batch's pipeline, where ``COPY`` had to leave it."""
+    if not rows:
+        return
+    if conn.dialect.name == "sqlite":
+        driver.execute(conn, _FIRED_SQLITE, (resend_at, now, now, now, driver.json_dumps(rows)))
+        return
+    if len(rows) <= driver.PIPELINE_ROWS:
+        # A few rows (a steady rate: one fire a batch): a plain INSERT, planned once and
+        # prepared by psycopg, is cheaper than planning the arrays' unnest each time.
+        driver.insert_rows(
+            conn,
+            deliveries,
+            _FIRED_ROW,
+            [(d, e, s, a, resend_at if a else now, now if a else None, now) for d, e, s, a in rows],
+        )
+        return
+    ids, event_ids, subs, sent = (list(column) for column in zip(*rows, strict=True))
+    driver.execute(conn, _FIRED_POSTGRES, (resend_at, now, now, now, ids, event_ids, subs, sent))
+
+
+_FIRED_ROW: Final = (
+    "id",
+    "event_id",
+    "subscription_id",
+    "attempt",
+    "next_attempt_at",
+    "sent_at",
+    "created_at",
+)
+_FIRED_COLUMNS: Final = f"INSERT INTO {deliveries.name} ({', '.join(_FIRED_ROW)}) "
+_FIRED_SQLITE: Final = _FIRED_COLUMNS + (
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
+    "CASE WHEN json_extract(value, '$[3]') THEN ? ELSE ? END, "
+    "CASE WHEN json_extract(value, '$[3]') THEN ? END, ? FROM json_each(?)"
+)
+_FIRED_POSTGRES: Final = _FIRED_COLUMNS + (
+    "SELECT d, e, s, a, CASE WHEN a = 1 THEN ?::timestamptz ELSE ?::timestamptz END, "
+    "CASE WHEN a = 1 THEN ?::timestamptz END, ? "
+    "FROM unnest(?::bigint[], ?::bigint[], ?::text[], ?::int[]) AS u(d, e, s, a)"
+)
+
+
 # Pending: neither acked nor dead. Both are columns of ix_deliveries_pending, before ``id``: a
 # subscription's pending deliveries are one range of it, in id order, and its dead ones another.
 PENDING_ORDER = (
