@@ -27,6 +27,7 @@ from program_timer.core.model import STATES
 from program_timer.events.delivery import Dispatcher
 from program_timer.scheduler.commands import READ_ONLY_COMMANDS, Outcome
 from program_timer.scheduler.connection import ClientConnection
+from program_timer.scheduler.deadlines import Deadlines
 from program_timer.scheduler.metrics import Metrics
 from program_timer.scheduler.protocol import (
     COMMANDS,
@@ -82,6 +83,7 @@ class RequestHandler:
     ) -> None:
         self._background = background or {}
         self._timeout = database_timeout
+        self._deadlines = Deadlines(database_timeout)
         self._health = health
         self._facts = facts
         self._worker = worker
@@ -121,21 +123,14 @@ class RequestHandler:
         """``work``'s result, or :class:`StoreUnavailable` once the database took longer than
         the timeout. Work still queued then is cancelled (never applied); work already running
         in the database may still complete: the client is told the outcome is unknown."""
-        # A timer handle that cancels the future, not asyncio.wait_for: no extra task per
-        # request (a tenth of the event loop's time per command, measured).
+        # Not asyncio.wait_for (a task per request), nor a timer handle per request: one
+        # handle for every request's deadline (scheduler/deadlines.py).
         fut = asyncio.ensure_future(work)
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            fut.cancel()
-
-        deadline = asyncio.get_running_loop().call_later(self._timeout, expire)
+        deadline = self._deadlines.add(fut)
         try:
             return await fut
         except asyncio.CancelledError:
-            if not expired:
+            if not deadline.expired:
                 raise  # the request itself was cancelled (shutdown)
             self._metrics.record_database_error("timeout")
             reason = f"no answer within {self._timeout:g} s (PROGRAM_TIMER_DATABASE_TIMEOUT)"
@@ -144,8 +139,6 @@ class RequestHandler:
                 f"{reason}; the request may or may not have been applied: retry it (with the "
                 "same commandActId for a command)"
             ) from None
-        finally:
-            deadline.cancel()
 
     async def _answer(self, conn: ClientConnection, request: Request) -> dict[str, Any]:
         if isinstance(request, CommandRequest):
