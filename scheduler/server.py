@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,8 @@ from program_timer.scheduler.socket_file import (
 log = get_logger()
 
 Handler = Callable[["ClientConnection", bytes], Awaitable[dict[str, Any]]]
+"""A request line's reply: a future (the daemon's :meth:`RequestHandler.start`: no task per
+request) or a coroutine, run as a task."""
 
 LINE_TIMEOUT: Final = 60.0
 """Seconds a started request line may take to be finished before the connection is dropped."""
@@ -293,8 +296,9 @@ class SocketServer:
             return False
         conn.pending_bytes += len(line)
         conn.unanswered += 1
-        reply = asyncio.ensure_future(self._answer(conn, line))
-        reply.add_done_callback(conn.wake)  # the writer waits for the reply at its head
+        reply = asyncio.get_running_loop().create_future()
+        answer = asyncio.ensure_future(self._handler(conn, line))  # a future stays itself
+        answer.add_done_callback(functools.partial(self._answered, conn, line, reply))
         conn.pending.append(reply)
         conn.work.set()
         return True
@@ -308,18 +312,32 @@ class SocketServer:
         conn.pending.append(data)
         conn.work.set()
 
-    async def _answer(self, conn: ClientConnection, line: bytes) -> bytes:
-        try:
-            reply = await self._handler(conn, line)
-        except Exception:
-            log.exception("request failed", action="request_failed")
-            reply = error_reply(None, ProtocolError("internal", "internal error; see the log"))
-        finally:
-            conn.unanswered -= 1
-        data = encode_reply(reply)
-        conn.pending_bytes += len(data) - len(line)
-        conn.reply_estimate = max(len(data), MIN_REPLY_ESTIMATE, conn.reply_estimate * 15 // 16)
-        return data
+    def _answered(
+        self,
+        conn: ClientConnection,
+        line: bytes,
+        reply: asyncio.Future[bytes],
+        answer: asyncio.Future[dict[str, Any]],
+    ) -> None:
+        """A request's answer came: its line is the reply at its place in the pipeline, and
+        the writer is told (it waits for the reply at its head)."""
+        conn.unanswered -= 1
+        if answer.cancelled():
+            reply.cancel()  # the daemon is stopping
+        else:
+            exc = answer.exception()
+            if exc is not None:  # the handler answers every failure: this is a bug
+                log.error("request failed", action="request_failed", exc_info=exc)
+                message = error_reply(
+                    None, ProtocolError("internal", "internal error; see the log")
+                )
+            else:
+                message = answer.result()
+            data = encode_reply(message)
+            conn.pending_bytes += len(data) - len(line)
+            conn.reply_estimate = max(len(data), MIN_REPLY_ESTIMATE, conn.reply_estimate * 15 // 16)
+            reply.set_result(data)
+        conn.wake()
 
     async def _write_loop(self, conn: ClientConnection) -> None:
         """Write replies in request order as they are computed, and pushes as they come (not
