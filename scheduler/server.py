@@ -347,17 +347,18 @@ class SocketServer:
         pending, pushes = conn.pending, conn.pushes
         try:
             while not conn.closed:
-                wrote = 0
+                # Everything ready goes out in one write: one system call, not one per event
+                # or reply (a fire batch pushes up to a thousand events at once).
+                ready: list[bytes] = []
                 while pushes:
-                    data = pushes.popleft()
-                    wrote += len(data)
-                    writer.write(data)
+                    ready.append(pushes.popleft())
                 while pending and (isinstance(pending[0], bytes) or pending[0].done()):
                     head = pending.popleft()
-                    data = head if isinstance(head, bytes) else head.result()
-                    wrote += len(data)
+                    ready.append(head if isinstance(head, bytes) else head.result())
+                if ready:
+                    data = ready[0] if len(ready) == 1 else b"".join(ready)
+                    wrote = len(data)
                     writer.write(data)
-                if wrote:
                     conn.pending_bytes -= wrote
                     conn.room.set()
                     if not pending or writer.transport.get_write_buffer_size() > READ_CHUNK:
