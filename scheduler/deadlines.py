@@ -7,7 +7,8 @@ event loop's time per command (measured with py-spy on ``bench.run --scenarios c
 Every request has the same timeout, so deadlines come in the order the requests do: they wait
 in one queue, and one handle is armed for the earliest that is still waiting. Requests end
 mostly in order, so finished ones leave from the head as new ones come, and the queue holds
-about as many as are unanswered.
+about as many as are unanswered; one still waiting at the head keeps those behind it queued
+until it ends or expires, so at most the requests of one timeout.
 """
 
 from __future__ import annotations
