@@ -219,10 +219,7 @@ def decode_line(line: bytes) -> tuple[Any, Request]:
         request's id attached as ``exc.request_id`` where one could be read.
     """
     try:
-        text = line.decode("utf-8")  # strict: no surrogates, no UTF-16/32 guessing
-        obj = _DECODER.decode(text)
-        if "\\u" in text and _has_lone_surrogate(obj):
-            raise ValueError("a \\u escape encodes half of a surrogate pair, which is not text")
+        obj = _parse(line)
     except RecursionError as exc:
         raise _with_id(
             ProtocolError("invalid_json", "the JSON is nested too deeply"), None
@@ -263,6 +260,33 @@ def _shorten(value: Any, quote: bool = True, limit: int = 80) -> str:
     """A value for an error message: a hostile client's megabyte is not echoed back."""
     text = repr(value) if quote else str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _parse(line: bytes) -> Any:
+    """The JSON value of a request line.
+
+    orjson where it gives what the standard library gives: the usual line (a third of the
+    standard library's time on a ``set_timer``). The standard library, with its error
+    messages, for whatever orjson refuses (invalid JSON or UTF-8, a lone surrogate escape,
+    deep nesting, ``NaN``, a number out of range) and for a line holding 19 digits in a row:
+    orjson reads an integer beyond 64 bits as a float, where a request's ``id`` must be echoed
+    as it came."""
+    if _NINETEEN_DIGITS not in line.translate(_DIGITS_AS_NINES):
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass  # told below, by the standard library
+    text = line.decode("utf-8")  # strict: no surrogates, no UTF-16/32 guessing
+    obj = _DECODER.decode(text)
+    if "\\u" in text and _has_lone_surrogate(obj):
+        raise ValueError("a \\u escape encodes half of a surrogate pair, which is not text")
+    return obj
+
+
+# Every digit made a 9 (in C): a run of nineteen 9s is then a run of nineteen digits, found
+# faster than by a regular expression.
+_DIGITS_AS_NINES: Final = bytes.maketrans(b"012345678", b"999999999")
+_NINETEEN_DIGITS: Final = b"9" * 19
 
 
 def _refuse_constant(name: str) -> Any:

@@ -149,7 +149,25 @@ def test_missing_command_fields() -> None:
     assert err.code == "invalid_request" and err.field == "commandIdn"
 
 
-@pytest.mark.parametrize("rid", ["abc", 0, -3, 1.5, True, False, None, ""])
+@pytest.mark.parametrize(
+    "rid",
+    [
+        "abc",
+        0,
+        -3,
+        1.5,
+        True,
+        False,
+        None,
+        "",
+        2**63 - 1,
+        -(2**63),
+        2**64,  # beyond 64 bits orjson would read a float: the standard library reads these
+        -(2**64),
+        10**40,
+        123456789012345678,  # 18 digits: orjson's (exact) reading
+    ],
+)
 def test_scalar_id_is_echoed(rid: Any) -> None:
     got, req = decode_line(line({"id": rid, "op": "ping"}))
     assert got == rid
