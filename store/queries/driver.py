@@ -417,7 +417,9 @@ def update_rows(
 
 PIPELINE_ROWS: Final = 16
 """Rows that :func:`insert_rows` sends in a pipeline as one ``INSERT`` each; more go by
-``COPY`` (its two round trips cost less than a statement per row from about 20 rows on)."""
+``COPY`` (its two round trips cost less than a statement per row from about 20 rows on). Also
+where a fire batch's few rows keep a plain statement (a steady rate) and more go as one list
+or JSON parameter: its deliveries, its completed one-shot timers."""
 
 _PIPE: Final = "program_timer_pipeline"
 

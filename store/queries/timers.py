@@ -195,7 +195,7 @@ def complete_one_shots(conn: Connection, ids: Sequence[int], fired_at: datetime)
     A few (a steady rate) keep one mark each: a plain list of ids is cheaper to plan."""
     if not ids:
         return
-    if len(ids) <= _FEW:  # a steady rate: one mark an id is cheaper to plan than a list
+    if len(ids) <= driver.PIPELINE_ROWS:  # a steady rate: marks are cheaper to plan than a list
         driver.execute(conn, _complete_sql(len(ids)), (FIRED, fired_at, *ids))
         return
     driver.execute(
@@ -205,7 +205,6 @@ def complete_one_shots(conn: Connection, ids: Sequence[int], fired_at: datetime)
     )
 
 
-_FEW: Final = 16
 _COMPLETE: Final = (
     "UPDATE timers SET planned_at = NULL, due_at = NULL, state = ?, "
     "fire_count = fire_count + 1, last_fired_at = ? WHERE id IN "
