@@ -129,7 +129,7 @@ class _Batch:
             else:
                 timer.id = row_id
                 updates.append(timer)
-        # Sent together, in one round trip on PostgreSQL (up to the rows that go by COPY).
+        # Sent together, in one round trip on PostgreSQL.
         with queries.pipeline(self.conn):
             queries.delete_timer_ids(self.conn, deletes)
             queries.update_timers(self.conn, updates)

@@ -4,6 +4,8 @@ timer together), and wall-clock jumps neither lose nor repeat fires."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -13,6 +15,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from program_timer.core.clock import FakeClock
+from program_timer.core.model import Timer
 from program_timer.scheduler.commands import CommandSettings, apply_batch
 from program_timer.scheduler.firing import Direct, fire_batch
 from program_timer.scheduler.protocol import CommandRequest
@@ -381,8 +384,8 @@ def _event_row(event_id: int, now: datetime) -> dict[str, Any]:
 
 
 def test_a_duplicate_in_the_fire_paths_bulk_insert_is_a_conflict(engine: Engine) -> None:
-    """The events and deliveries of a fire go in by ``executemany`` (SQLite) or ``COPY``
-    (PostgreSQL, on psycopg's own connection): a failure there reaches the store's error
+    """The events and deliveries of a fire go in by ``executemany`` (SQLite) or one JSON
+    parameter (PostgreSQL, on psycopg's own connection): a failure there reaches the store's error
     policy as any other statement's does, a duplicate as a Conflict (retried), not as an
     unexplained driver exception (logged as a bug)."""
     with transaction(engine) as conn:
@@ -394,10 +397,10 @@ def test_a_duplicate_in_the_fire_paths_bulk_insert_is_a_conflict(engine: Engine)
 
 
 @pytest.mark.postgres
-def test_a_server_lost_during_copy_is_unavailable_and_the_next_transaction_works(
+def test_a_server_lost_during_a_bulk_insert_is_unavailable_and_the_next_transaction_works(
     pg_url: str,
 ) -> None:
-    """The server side of the connection dies inside a fire's transaction, at its ``COPY``:
+    """The server side of the connection dies inside a fire's transaction, at its insert:
     the caller sees ``StoreUnavailable`` (the outage policy), and the dead connection does not
     come back from the pool."""
     import psycopg
@@ -494,11 +497,10 @@ def _due_with_two_subscriptions(engine: Engine, n: int) -> FakeClock:
 
 @pytest.mark.parametrize("n", [3, driver.PIPELINE_ROWS * 3])
 def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engine, n: int) -> None:
-    """Small batches go out as one pipeline of statements on PostgreSQL, larger ones leave it
-    for the events' ``COPY`` half-way (their deliveries are one statement either way, row by
-    row when few, from arrays when many): every event is written with one delivery per
-    subscription, those the batch sends itself marked sent (and pushed by their ids), the rest
-    waiting for the pump, each delivery naming its event, ids in event order."""
+    """Small batches insert row by row on PostgreSQL, larger ones the events and deliveries
+    from one JSON parameter each (one pipeline either way): every event is written with one
+    delivery per subscription, those the batch sends itself marked sent (and pushed by their
+    ids), the rest waiting for the pump, each delivery naming its event, ids in event order."""
     clock = _due_with_two_subscriptions(engine, n)
     window = n // 2
     result = fire(engine, clock, direct=Direct({"a": window}, T0 + timedelta(seconds=40)))
@@ -565,8 +567,8 @@ def test_a_server_lost_inside_a_pipeline_is_unavailable_and_the_next_transaction
 
 @pytest.mark.parametrize("rows", [1, driver.PIPELINE_ROWS + 1])
 def test_errors_outside_sqlalchemy_are_counted_like_a_statements(engine: Engine, rows: int) -> None:
-    """A duplicate in a fire's inserts (in a pipeline, or by ``COPY`` on PostgreSQL) reaches
-    the engine's error listeners as a statement's error does: ``/metrics`` counts it."""
+    """A duplicate in a fire's inserts (row by row in a pipeline, or from one JSON parameter)
+    reaches the engine's error listeners as a statement's error does: ``/metrics`` counts it."""
     from program_timer.store import observe
 
     kinds: list[str] = []
@@ -577,6 +579,59 @@ def test_errors_outside_sqlalchemy_are_counted_like_a_statements(engine: Engine,
     with pytest.raises(Conflict), transaction(engine) as conn, queries.pipeline(conn):
         queries.insert_events(conn, batch)
     assert kinds == ["conflict"]
+
+
+def _odd_timer(i: int) -> Timer:
+    """A timer whose values test the bulk insert's conversions: microseconds, far and near
+    instants, None, a float interval, text that JSON and SQL escape, non-ASCII text."""
+    odd = 'quote " back \\ slash \n tab \t é 日本 😀 %s ? $1'
+    return Timer(
+        persona_id=f"p{i % 3} {odd}",
+        timer_name=f"t{i} {odd}",
+        connector_idn="c",
+        fire_at=None if i % 2 else T0 + timedelta(microseconds=i * 7 + 1),
+        timezone="Europe/Paris" if i % 3 else None,
+        interval=[None, 0.001, 1e9, 3600.5][i % 4],
+        rrule="FREQ=DAILY;BYHOUR=9" if i % 5 == 1 else None,
+        cron="*/5 * * * *" if i % 5 == 2 else None,
+        repeatable=bool(i % 2),
+        enabled=not i % 3,
+        anchor_at=datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=i, microseconds=999_999),
+        planned_at=datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        due_at=None,
+        state="scheduled",
+        fire_count=2**31 - 1 - i,
+        last_fired_at=T0 - timedelta(microseconds=i),
+        arguments={"k": odd, "empty": "", "n": str(i), odd: "key with escapes"},
+        command_act_id=str(uuid.UUID(int=i)),
+        created_at=T0,
+        updated_at=T0 + timedelta(seconds=1),
+    )
+
+
+@pytest.mark.parametrize("in_pipeline", [True, False])
+@pytest.mark.parametrize("n", [1, driver.PIPELINE_ROWS + 1, 3 * driver.PIPELINE_ROWS])
+def test_timers_written_in_bulk_read_back_exactly(
+    engine: Engine, n: int, in_pipeline: bool
+) -> None:
+    """Timers go in row by row when few, or as one JSON parameter when many (PostgreSQL),
+    ``executemany`` on SQLite: read back through SQLAlchemy Core, every value is the one
+    written, whatever the path; and a command group reads them back by key."""
+    written = [_odd_timer(i) for i in range(n)]
+    pipeline = queries.pipeline if in_pipeline else lambda _conn: contextlib.nullcontext()
+    with transaction(engine) as conn, pipeline(conn):
+        queries.insert_timers(conn, written)
+    with engine.connect() as conn:
+        rows = conn.execute(select(timers).order_by(timers.c.id)).all()
+    read = [queries.timer_from_row(r) for r in rows]
+    assert [dataclasses.replace(t, id=None) for t in read] == written
+    with transaction(engine) as conn:
+        found, _, _ = queries.load_working_set(
+            conn, [(t.persona_id, t.timer_name) for t in reversed(written)], [], []
+        )
+    assert {k: dataclasses.replace(t, id=None) for k, t in found.items()} == {
+        (t.persona_id, t.timer_name): t for t in written
+    }
 
 
 def test_acks_end_only_the_acking_subscriptions_pending_deliveries_once(engine: Engine) -> None:

@@ -67,9 +67,8 @@ def insert_fired_deliveries(
     The rows go as one parameter, a JSON array (``json_each`` on SQLite,
     ``json_array_elements`` on PostgreSQL): the constant columns are bound once, not once a
     row, and no row is converted in Python. On SQLite that is a third less time per row than
-    ``executemany`` (the driver binds and steps each row); on PostgreSQL the statement stays in
-    the fire batch's pipeline, where ``COPY`` had to leave it, and JSON text is made in C where
-    psycopg dumps arrays element by element in Python."""
+    ``executemany`` (the driver binds and steps each row); on PostgreSQL JSON text is made in C,
+    where psycopg dumps arrays element by element in Python."""
     if not rows:
         return
     if conn.dialect.name == "sqlite":

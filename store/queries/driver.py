@@ -332,9 +332,9 @@ def read_datetime(conn: Connection, value: Any) -> datetime | None:
 def insert_rows(
     conn: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]
 ) -> None:
-    """``INSERT`` rows given as value tuples in ``columns``' order: ``executemany`` on SQLite,
-    ``COPY`` on PostgreSQL (one stream in the caller's transaction instead of a statement per
-    row)."""
+    """``INSERT`` rows given as value tuples in ``columns``' order: ``executemany`` on SQLite;
+    on PostgreSQL a few rows as one ``INSERT`` each in a :func:`pipeline`, more as one JSON
+    parameter (:func:`_insert_json_sql`), in the pipeline too."""
     if not rows:
         return
     dialect = conn.dialect.name
@@ -344,11 +344,51 @@ def insert_rows(
         if pipe is not None and len(rows) <= PIPELINE_ROWS:
             pipe.send_many(_insert_sql(dialect, table.name, columns), _convert(conv, rows))
             return
-        if pipe is not None:
-            pipe.leave()  # COPY is not allowed in a pipeline: what follows runs in turn
-        _copy_rows(conn, f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", conv, rows)
+        sql = _insert_json_sql(table, columns)
+        for start in range(0, len(rows), JSON_ROWS):
+            execute(conn, sql, (_json_rows(rows[start : start + JSON_ROWS]),))
         return
     _run(conn, _insert_sql(dialect, table.name, columns), _convert(conv, rows), many=True)
+
+
+JSON_ROWS: Final = 4096
+"""Rows per ``INSERT`` of :func:`insert_rows` on PostgreSQL beyond :data:`PIPELINE_ROWS` (one
+JSON parameter of at most a few megabytes)."""
+
+# How a value of each column type is read back from a row of the JSON parameter.
+_FROM_JSON: Final = {
+    "UTCDateTime": "(r->>{i})::timestamptz",
+    "JSONDoc": "(r->{i})::jsonb",
+    "Boolean": "(r->>{i})::boolean",
+    "Integer": "(r->>{i})::integer",
+    "BigInteger": "(r->>{i})::bigint",
+    "Float": "(r->>{i})::float8",
+    "String": "r->>{i}",
+}
+
+
+@functools.cache
+def _insert_json_sql(table: Table, columns: tuple[str, ...]) -> str:
+    """``INSERT`` of any number of rows given as one JSON array of arrays, each value read back
+    as its column's type (a column type not listed in ``_FROM_JSON`` is a bug here, found by
+    the first test that writes that table)."""
+    values = ", ".join(
+        _FROM_JSON[type(table.c[c].type).__name__].format(i=i) for i, c in enumerate(columns)
+    )
+    return (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "
+        f"SELECT {values} FROM json_array_elements(?::json) AS r"
+    )
+
+
+def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as one JSON text, made in C by orjson (datetimes as RFC 3339 with their offset):
+    psycopg's ``COPY`` formatted every value in Python (a tenth of a command group's time), and
+    could not run in a pipeline."""
+    try:
+        return orjson.dumps(rows).decode()
+    except TypeError:  # what orjson refuses (a lone surrogate), the standard library escapes
+        return json.dumps(rows, default=datetime.isoformat)
 
 
 def insert_dicts(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
@@ -368,23 +408,10 @@ def _convert(conv: tuple[Converter, ...], rows: Sequence[Sequence[Any]]) -> list
     return [convert(row) for row in rows]
 
 
-def _copy_rows(
-    conn: Connection, sql: str, conv: tuple[Converter, ...], rows: Sequence[Sequence[Any]]
-) -> None:
-    """``COPY … FROM STDIN`` on psycopg's own connection; its errors handled as a statement's
-    (:func:`_driver_errors`): a duplicate is a ``Conflict``, a lost server
-    ``StoreUnavailable``, not an unexplained exception."""
-    raw: Any = conn.connection.dbapi_connection
-    with _driver_errors(conn, sql), raw.cursor() as cur, cur.copy(sql) as copy:
-        convert = _row_converter(conv)
-        for row in rows:
-            copy.write_row(convert(row))
-
-
 @contextlib.contextmanager
 def _driver_errors(conn: Connection, sql: str) -> Iterator[None]:
-    """The driver's errors raised here, outside SQLAlchemy (psycopg's ``COPY`` and pipeline on
-    its own connection), handled as SQLAlchemy handles a statement's: wrapped, the connection
+    """The driver's errors raised here, outside SQLAlchemy (psycopg's pipeline on its own
+    connection), handled as SQLAlchemy handles a statement's: wrapped, the connection
     invalidated when it is gone, and the engine's ``handle_error`` listeners called (the
     store's error counts for ``/metrics``)."""
     try:
@@ -416,8 +443,8 @@ def update_rows(
 # A pipeline (PostgreSQL) -------------------------------------------------------------------
 
 PIPELINE_ROWS: Final = 16
-"""Rows that :func:`insert_rows` sends in a pipeline as one ``INSERT`` each; more go by
-``COPY`` (its two round trips cost less than a statement per row from about 20 rows on). Also
+"""Rows that :func:`insert_rows` sends in a pipeline as one ``INSERT`` each; more go as one
+JSON parameter (cheaper than a statement per row from about 20 rows on). Also
 where a fire batch's few rows keep a plain statement (a steady rate) and more go as one list
 or JSON parameter: its deliveries, its completed one-shot timers."""
 

@@ -59,25 +59,12 @@ def load_working_set(
     of these ``commandActId``s. Plain SQL through the driver, all in one round trip on
     PostgreSQL (a pipeline: the transaction's ``BEGIN`` goes with them).
 
-    The keys are joined as a ``VALUES`` list: SQLite scans the whole table for a row-value
-    ``IN``, and ``persona_id IN … AND timer_name IN …`` probes every combination.
+    The keys are joined as a relation ``k``: SQLite scans the whole table for a row-value
+    ``IN``, and ``persona_id IN … AND timer_name IN …`` probes every combination. On SQLite
+    ``k`` is a ``VALUES`` list; on PostgreSQL one JSON parameter, since psycopg parses again
+    every time (in Python) a statement of more than 50 parameters.
     """
-    ordered = list(dict.fromkeys(keys))
-    statements: list[driver.Statement] = []
-    for chunk in chunks(ordered):
-        # Pad to a power of two (repeating the last key) so that only a few statement shapes
-        # exist, each prepared once by the driver.
-        chunk += [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk))
-        params = [value for key in chunk for value in key]
-        statements.append(
-            driver.select_statement(
-                conn,
-                timers,
-                "timers.persona_id = k.p AND timers.timer_name = k.n",
-                params,
-                keys=_keys_clause(len(chunk)),
-            )
-        )
+    statements = _timers_by_key(conn, list(dict.fromkeys(keys)))
     timer_queries = len(statements)
     unique = list(dict.fromkeys(personas))
     if unique:
@@ -96,6 +83,29 @@ def load_working_set(
         counts.update(dict(results[timer_queries]))
     acts = acts_from_rows(results[timer_queries + bool(unique) :])
     return found, counts, acts
+
+
+def _timers_by_key(conn: Connection, keys: list[tuple[str, str]]) -> list[driver.Statement]:
+    if not keys:
+        return []
+    if conn.dialect.name == "postgresql":
+        json_keys = (driver.json_dumps(keys),)
+        return [driver.select_statement(conn, timers, _KEYS_MATCH, json_keys, keys=_JSON_KEYS)]
+    statements = []
+    for chunk in chunks(keys):
+        # Pad to a power of two (repeating the last key) so that only a few statement shapes
+        # exist, each prepared once by the driver.
+        chunk += [chunk[-1]] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk))
+        params = [value for key in chunk for value in key]
+        keys_clause = _keys_clause(len(chunk))
+        statements.append(
+            driver.select_statement(conn, timers, _KEYS_MATCH, params, keys=keys_clause)
+        )
+    return statements
+
+
+_KEYS_MATCH: Final = "timers.persona_id = k.p AND timers.timer_name = k.n"
+_JSON_KEYS: Final = "WITH k(p, n) AS (SELECT r->>0, r->>1 FROM json_array_elements(?::json) AS r)"
 
 
 @functools.cache
