@@ -200,7 +200,7 @@ def mark_sent(
     sql = driver.in_list(conn, _MARK_SENT)
     for attempt, ids in by_attempt.items():
         resend_at = sent_at + timedelta(seconds=resend_delay(attempt, ack_timeout, retry_max_delay))
-        driver.execute(conn, sql, (sent_at, resend_at, driver.list_param(conn, ids)))
+        driver.execute(conn, sql, (sent_at, resend_at, driver.id_list_param(conn, ids)))
 
 
 _MARK_SENT: Final = (
@@ -248,7 +248,7 @@ def ack_deliveries(
     when = driver.param(conn, now)
     # PostgreSQL: the transaction's BEGIN goes out with the first UPDATE (a round trip fewer).
     with driver.pipeline(conn):
-        ids = driver.list_param(conn, delivery_ids)
+        ids = driver.id_list_param(conn, delivery_ids)
         for delivery_id, subscription_id in driver.fetch(
             conn, driver.in_list(conn, _ACK), (ids, when, subs)
         ):

@@ -230,6 +230,23 @@ def list_param(conn: Connection, values: Sequence[Any]) -> Any:
     return json_dumps(list(values)) if conn.dialect.name == "sqlite" else list(values)
 
 
+def id_list_param(conn: Connection, ids: Sequence[int]) -> str:
+    """:func:`list_param` for integers (row ids): on PostgreSQL the array's text (``{1,2,3}``),
+    which the server reads as the array type the statement needs. psycopg dumps a list element
+    by element in Python: a twentieth of a PostgreSQL burst's time with one subscriber, for the
+    acks and the send marks. An id beyond 64 bits (a client may ack anything) names no row and
+    is left out: the server would refuse the whole statement."""
+    if ids and (min(ids) < _INT64_MIN or max(ids) > _INT64_MAX):
+        ids = [i for i in ids if _INT64_MIN <= i <= _INT64_MAX]
+    if conn.dialect.name == "sqlite":
+        return json_dumps(list(ids))
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+
+
 def execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
     """One statement with ``?`` parameters (``%s`` on PostgreSQL); the rows it changed (-1
     in a :func:`pipeline`: its answer is not waited for)."""

@@ -136,7 +136,7 @@ def update_timers(conn: Connection, changed: Sequence[Timer]) -> None:
 def delete_timer_ids(conn: Connection, ids: Sequence[int]) -> None:
     if ids:
         sql = driver.in_list(conn, "DELETE FROM timers WHERE id IN ?*")
-        driver.execute(conn, sql, (driver.list_param(conn, ids),))
+        driver.execute(conn, sql, (driver.id_list_param(conn, ids),))
 
 
 def delete_persona_timers(conn: Connection, persona_id: str) -> int:
@@ -211,7 +211,7 @@ def complete_one_shots(conn: Connection, ids: Sequence[int], fired_at: datetime)
     driver.execute(
         conn,
         driver.in_list(conn, _COMPLETE + "?*"),
-        (FIRED, fired_at, driver.list_param(conn, ids)),
+        (FIRED, fired_at, driver.id_list_param(conn, ids)),
     )
 
 
