@@ -1,5 +1,5 @@
 """Acks, written in groups: the acks that arrive while earlier ones are being written are
-written together, in one worker call (one ``UPDATE`` per acking connection), committed without
+written together, in one worker call (one statement per acking connection), committed without
 waiting for the disk (an ack lost in a database crash only means the delivery is sent again)."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class AckWriter:
                 await self._ack_writer
 
     async def _write_acks(self) -> None:
-        """Write the queued acks, all of them in one worker call (one ``UPDATE`` per acking
+        """Write the queued acks, all of them in one worker call (one statement per acking
         connection); acks arriving meanwhile wait for the next round."""
         while self._acks:
             batch, self._acks = self._acks, []

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 from program_timer.core.clock import FakeClock
 from program_timer.events.client import ClientError, TimerClient
@@ -295,12 +295,16 @@ def test_retention_turns_pending_into_dead_then_purges_them(engine: Engine) -> N
     with transaction(engine) as conn:  # "acker" acks its copy
         (mine,) = queries.due_deliveries(conn, "acker", clock.now(), 10)
         assert queries.ack_deliveries(conn, [mine.id], ["acker"], clock.now()) == [mine.id]
+    deleted = engine.dialect.name == "postgresql"  # an ack deletes; SQLite keeps it an hour
+    assert _figures(engine)["rows"] == 2 - deleted
     clock.advance(3 * 86400)
     _fire_timers(engine, clock, "young")
     assert _figures(engine)["pending"] == 3
 
     clock.advance(4 * 86400 + 60)  # "old" is past the retention, "young" is not
-    assert _purge(engine, clock) == (1, 1, 0)  # the acked copy goes, the event stays
+    # the acked copy is gone (with its ack on PostgreSQL), the event stays: its dead copy
+    # holds it
+    assert _purge(engine, clock) == (1, 1 - deleted, 0)
     figures = _figures(engine)
     assert (figures["pending"], figures["dead"], figures["events"]) == (2, 1, 2)
     assert figures["oldest_pending_at"] is not None
@@ -320,6 +324,25 @@ def test_retention_turns_pending_into_dead_then_purges_them(engine: Engine) -> N
     assert purged == 1 and expired == 1  # the old dead delivery, then its event
     figures = _figures(engine)
     assert (figures["pending"], figures["dead"], figures["events"]) == (0, 2, 1)
+
+
+def test_deliveries_acked_by_an_older_daemon_are_purged_after_an_hour(engine: Engine) -> None:
+    """On PostgreSQL, before 2026-12-03, an ack set ``acked_at`` and kept the row (as on
+    SQLite still); acks now delete it. Rows left acked by an older daemon are purged an hour
+    after their ack, and free their event at its retention like any other."""
+    clock = FakeClock(T0)
+    _subscribe(engine, "acker", clock.now())
+    _fire_timers(engine, clock, "old")
+    with transaction(engine) as conn:  # what an ack of an older daemon wrote
+        conn.execute(update(deliveries).values(acked_at=clock.now(), attempt=1))
+    clock.advance(1800)
+    assert _purge(engine, clock) == (0, 0, 0)
+    assert _figures(engine)["rows"] == 1
+    clock.advance(1801)
+    assert _purge(engine, clock) == (0, 1, 0)  # an hour after its ack
+    clock.advance(RETENTION.total_seconds())
+    assert _purge(engine, clock) == (0, 0, 1)  # and its event at the retention
+    assert (_figures(engine)["rows"], _figures(engine)["events"]) == (0, 0)
 
 
 def test_purge_window_and_unrouted_events(engine: Engine) -> None:
