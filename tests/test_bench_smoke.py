@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import ack_batch as bench_ack_batch  # noqa: E402
 from bench import command_batch as bench_command_batch  # noqa: E402
 from bench import common as bench_common  # noqa: E402
 from bench import fire_batch as bench_fire_batch  # noqa: E402
@@ -194,5 +195,23 @@ def test_command_batch_sets_every_timer_of_every_group(tmp_path: Path) -> None:
     try:
         with engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(timers)).scalar() == 15
+    finally:
+        engine.dispose()
+
+
+def test_ack_batch_acks_every_delivery(tmp_path: Path) -> None:
+    from sqlalchemy import func, select
+
+    from program_timer.store.db import make_engine
+    from program_timer.store.schema import deliveries
+
+    url = bench_common.Database("sqlite", tmp_path).fresh("acks")
+    total, statement, cpu = bench_ack_batch.measure(url, 2000, 333)  # raises if one was not acked
+    assert total >= statement > 0 and cpu > 0
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            pending = select(func.count()).where(deliveries.c.acked_at.is_(None))
+            assert conn.execute(pending).scalar() == 0
     finally:
         engine.dispose()
