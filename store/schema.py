@@ -183,6 +183,9 @@ deliveries = Table(
     Index("ix_deliveries_pending", "subscription_id", "acked_at", "dead_at", "id"),
     Index("ix_deliveries_acked", "acked_at"),
     Index("ix_deliveries_event", "event_id"),
+    # SQLite: an id is never used again, even once its row is deleted (migration 0005); on
+    # PostgreSQL the sequence does that.
+    sqlite_autoincrement=True,
 )
 
 command_acts = Table(

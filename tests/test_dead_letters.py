@@ -295,16 +295,13 @@ def test_retention_turns_pending_into_dead_then_purges_them(engine: Engine) -> N
     with transaction(engine) as conn:  # "acker" acks its copy
         (mine,) = queries.due_deliveries(conn, "acker", clock.now(), 10)
         assert queries.ack_deliveries(conn, [mine.id], ["acker"], clock.now()) == [mine.id]
-    deleted = engine.dialect.name == "postgresql"  # an ack deletes; SQLite keeps it an hour
-    assert _figures(engine)["rows"] == 2 - deleted
+    assert _figures(engine)["rows"] == 1  # an acked delivery is gone with its ack
     clock.advance(3 * 86400)
     _fire_timers(engine, clock, "young")
     assert _figures(engine)["pending"] == 3
 
     clock.advance(4 * 86400 + 60)  # "old" is past the retention, "young" is not
-    # the acked copy is gone (with its ack on PostgreSQL), the event stays: its dead copy
-    # holds it
-    assert _purge(engine, clock) == (1, 1 - deleted, 0)
+    assert _purge(engine, clock) == (1, 0, 0)  # the event stays: its dead copy holds it
     figures = _figures(engine)
     assert (figures["pending"], figures["dead"], figures["events"]) == (2, 1, 2)
     assert figures["oldest_pending_at"] is not None
@@ -327,9 +324,9 @@ def test_retention_turns_pending_into_dead_then_purges_them(engine: Engine) -> N
 
 
 def test_deliveries_acked_by_an_older_daemon_are_purged_after_an_hour(engine: Engine) -> None:
-    """On PostgreSQL, before 2026-12-03, an ack set ``acked_at`` and kept the row (as on
-    SQLite still); acks now delete it. Rows left acked by an older daemon are purged an hour
-    after their ack, and free their event at its retention like any other."""
+    """Before 2026-12-03 an ack set ``acked_at`` and kept the row; acks now delete it. Rows
+    left acked by an older daemon are purged an hour after their ack, and free their event
+    at its retention like any other."""
     clock = FakeClock(T0)
     _subscribe(engine, "acker", clock.now())
     _fire_timers(engine, clock, "old")

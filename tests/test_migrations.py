@@ -119,3 +119,66 @@ def test_start_skips_alembic_only_at_head(db_url: str) -> None:
             upgrade(engine)
     finally:
         engine.dispose()
+
+
+def test_deliveries_of_revision_0004_keep_their_ids_and_ids_are_never_given_again(
+    db_url: str,
+) -> None:
+    """0005 rebuilds SQLite's deliveries with ``AUTOINCREMENT``: the rows and their ids are
+    kept, and once the newest are deleted (acks delete them) the next ids still come after
+    them. Without it the next delivery took the deleted one's id, and a late ack of that id
+    would ack it."""
+    from program_timer.store.schema import deliveries, events, subscriptions
+
+    engine = make_engine(db_url)
+    try:
+        _empty(engine)
+        _upgrade_to(engine, "0004")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(subscriptions).values(
+                    subscription_id="s", flow_instance_id="f", created_at=T0
+                )
+            )
+            for i in (1, 2):
+                conn.execute(
+                    sa.insert(events).values(
+                        id=i,
+                        external_event_id=str(uuid.uuid4()),
+                        persona_id="u1",
+                        timer_name=f"t{i}",
+                        connector_idn="c",
+                        command_act_id=str(uuid.uuid4()),
+                        scheduled_at=T0,
+                        fired_at=T0,
+                        fire_count=1,
+                        missed_count=0,
+                        arguments={},
+                        routed=1,
+                        fired_by="test",
+                    )
+                )
+            for delivery_id in (7, 9):
+                conn.execute(
+                    sa.insert(deliveries).values(
+                        id=delivery_id,
+                        subscription_id="s",
+                        event_id=delivery_id // 7,
+                        attempt=1,
+                        next_attempt_at=T0,
+                        created_at=T0,
+                    )
+                )
+            if engine.dialect.name == "postgresql":  # the daemon takes its ids from the sequence
+                conn.execute(
+                    sa.text("SELECT setval(pg_get_serial_sequence('deliveries', 'id'), 9)")
+                )
+        upgrade(engine)
+        with engine.begin() as conn:
+            kept = conn.execute(sa.select(deliveries.c.id).order_by(deliveries.c.id)).scalars()
+            assert list(kept) == [7, 9]
+            assert queries.ack_deliveries(conn, [9, 7], ["s"], T0) in ([7, 9], [9, 7])
+            _event_ids, delivery_ids = queries.allocate_ids(conn, 0, 2)
+        assert delivery_ids == [10, 11]  # not 1 and 2: 7 and 9 are never given again
+    finally:
+        engine.dispose()

@@ -24,7 +24,9 @@ def allocate_ids(conn: Connection, events_n: int, deliveries_n: int) -> tuple[li
     """Ids for ``events_n`` new events and ``deliveries_n`` new deliveries, in one query, so
     that they are inserted without ``RETURNING`` (and a delivery's row names its event's id).
     PostgreSQL: from the tables' sequences. SQLite: the transaction holds the database's write
-    lock (``BEGIN IMMEDIATE``), so the ids after the current maxima are ours."""
+    lock (``BEGIN IMMEDIATE``), so the ids after the current maxima are ours; a delivery's after
+    the largest the table ever held (``sqlite_sequence``: migration 0005), so that an id is
+    never given again once its delivery is deleted (a late ack naming it would ack another)."""
     if conn.dialect.name == "postgresql":
         ((event_ids, delivery_ids),) = driver.fetch(conn, _NEXT_IDS, (events_n, deliveries_n))
         return list(event_ids), list(delivery_ids)
@@ -39,7 +41,8 @@ _NEXT = "ARRAY(SELECT nextval(pg_get_serial_sequence('{}', 'id')) FROM generate_
 _NEXT_IDS: Final = f"SELECT {_NEXT.format(events.name)}, {_NEXT.format(deliveries.name)}"
 _MAX_IDS: Final = (
     f"SELECT (SELECT coalesce(max(id), 0) FROM {events.name}), "
-    f"(SELECT coalesce(max(id), 0) FROM {deliveries.name})"
+    f"max((SELECT coalesce(max(id), 0) FROM {deliveries.name}), "
+    f"coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{deliveries.name}'), 0))"
 )
 
 
@@ -231,18 +234,14 @@ def ack_deliveries(
     """Ack the given deliveries of these subscriptions; returns the ids really acked now. The
     subscriptions that had one acked get ``last_ack_at = now`` (to the second).
 
-    PostgreSQL: an acked delivery is deleted. Nothing reads it afterwards (the ``deliveries``
-    op, the counts, the pump and the purge look at pending and dead ones), and a ``DELETE``
-    costs the server a fraction of an ``UPDATE`` that sets ``acked_at``, a column of two
-    indexes (so the new row version goes into every index of the table): 1 WAL record a row
+    An acked delivery is deleted. Nothing reads it afterwards (the ``deliveries`` op, the
+    counts, the pump and the purge look at pending and dead ones), and a ``DELETE`` costs the
+    database a fraction of an ``UPDATE`` that sets ``acked_at``, a column of two indexes (so the
+    new row version goes into every index of the table): on PostgreSQL 1 WAL record a row
     against 6, and an eighth of the time (``EXPLAIN ANALYZE`` of 333 acks: 0.8 against
-    6.8 ms). Rows with ``acked_at`` set there were acked by a daemon of before 2026-12-03; the
-    purge ends them after an hour.
-
-    SQLite: ``acked_at`` is set and the row kept for the hour. Its ids are the table's
-    maximum plus one (:func:`allocate_ids`), so deleting the newest deliveries would give
-    their ids to the next ones, and a late or repeated ack of an old id would ack a delivery
-    its subscriber never saw. PostgreSQL's ids come from a sequence and never repeat.
+    6.8 ms). Its id is never given to another delivery (:func:`allocate_ids`), so a late or
+    repeated ack naming it acks nothing. Rows with ``acked_at`` set were acked by a daemon of
+    before 2026-12-03; the purge ends them after an hour.
 
     The rows are found by primary key only, in a materialized CTE, and checked (subscription,
     not acked yet) there: any filter on ``acked_at`` or ``subscription_id`` in the statement
@@ -258,12 +257,11 @@ def ack_deliveries(
     acked: list[int] = []
     acking: set[str] = set()
     subs = driver.list_param(conn, subscription_ids)
-    sql, params = (_ACK_SQLITE, (now,)) if conn.dialect.name == "sqlite" else (_ACK_POSTGRES, ())
     # PostgreSQL: the transaction's BEGIN goes out with the first statement (a round trip fewer).
     with driver.pipeline(conn):
         ids = driver.id_list_param(conn, delivery_ids)
         for delivery_id, subscription_id in driver.fetch(
-            conn, driver.in_list(conn, sql), (ids, *params, subs)
+            conn, driver.in_list(conn, _ACK), (ids, subs)
         ):
             acked.append(delivery_id)
             acking.add(subscription_id)
@@ -280,16 +278,13 @@ def ack_deliveries(
 # Plain SQL through the driver: one statement for any number of ids (an ack names one read's
 # worth, up to hundreds; the ids are one parameter, so no chunks), where Core built, compiled
 # and bound an expanding IN each time.
-_NAMED: Final = (
+_ACK: Final = (
     "WITH named AS MATERIALIZED "
     "(SELECT id, subscription_id, acked_at FROM deliveries WHERE id IN ?*) "
-)
-_ACKABLE: Final = (
-    "WHERE id IN (SELECT id FROM named WHERE subscription_id IN ?* AND acked_at IS NULL) "
+    "DELETE FROM deliveries WHERE id IN "
+    "(SELECT id FROM named WHERE subscription_id IN ?* AND acked_at IS NULL) "
     "RETURNING id, subscription_id"
 )
-_ACK_POSTGRES: Final = _NAMED + "DELETE FROM deliveries " + _ACKABLE
-_ACK_SQLITE: Final = _NAMED + "UPDATE deliveries SET acked_at = ? " + _ACKABLE
 _LAST_ACK: Final = (
     "UPDATE subscriptions SET last_ack_at = ? WHERE subscription_id IN ?* "
     "AND (last_ack_at IS NULL OR last_ack_at < ?)"
@@ -362,8 +357,8 @@ def purge_deliveries_and_events(
 ) -> tuple[int, int]:
     """Delete what outlived its keeping; (deliveries, events) deleted.
 
-    - acked deliveries acked before ``acked_before`` (on PostgreSQL acks delete them since
-      2026-12-03: only older ones);
+    - deliveries acked before ``acked_before`` (by a daemon of before 2026-12-03: acks delete
+      them now);
     - dead deliveries dead before ``expired_before``: a dead letter is kept one retention
       after it died (one range of ``ix_deliveries_pending`` per subscription);
     - the acked deliveries of events fired before ``expired_before``, and those events once
