@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -181,7 +182,13 @@ deliveries = Table(
     # A subscription's pending deliveries (acked_at and dead_at NULL) in id order, and apart
     # from them its dead ones (0003).
     Index("ix_deliveries_pending", "subscription_id", "acked_at", "dead_at", "id"),
-    Index("ix_deliveries_acked", "acked_at"),
+    # Rows acked by a daemon of before 2026-12-03 (acks delete them now), for the purge (0006).
+    Index(
+        "ix_deliveries_acked",
+        "acked_at",
+        sqlite_where=text("acked_at IS NOT NULL"),
+        postgresql_where=text("acked_at IS NOT NULL"),
+    ),
     Index("ix_deliveries_event", "event_id"),
     # SQLite: an id is never used again, even once its row is deleted (migration 0005); on
     # PostgreSQL the sequence does that.
