@@ -11,13 +11,17 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
+from program_timer.core.event import event_line_start
+
 
 class Peer(Protocol):
     """What the dispatcher needs of a client connection."""
 
     closed: bool
 
-    def push(self, message: dict[str, Any]) -> None: ...
+    def push(self, data: bytes) -> None:
+        """Queue pushed lines (events), each a line of JSON."""
+        ...
 
     @property
     def backlogged(self) -> bool:
@@ -46,6 +50,11 @@ class Attachment:
     # Some in-flight delivery passed its deadline: it is sendable again, refill even if less
     # than half the window is free.
     resend_due: bool = False
+    # What every push to this subscription starts with (core.event.event_line_start).
+    line_start: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.line_start = event_line_start(self.subscription_id, self.flow_instance_id)
 
     def sent(self, delivery_id: int, deadline: float, wait: float) -> None:
         """In flight until ``deadline`` (monotonic; the send's time plus ``wait``)."""

@@ -44,7 +44,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from program_timer.core.backoff import Backoff
-from program_timer.core.event import event_body, event_message
+from program_timer.core.event import event_body, event_json, event_line
 from program_timer.core.logs import get_logger
 from program_timer.events.acks import AckWriter
 from program_timer.events.attachment import Attachment, Peer, Worker
@@ -387,6 +387,7 @@ class Dispatcher:
             attachment = self._attached.get(sid)
             if attachment is None or attachment.peer.closed:
                 continue  # sent again on reattach (release_unacked) or after the ack timeout
+            lines = []
             for r in rows:
                 event = event_body(
                     external_event_id=r.external_event_id,
@@ -395,7 +396,9 @@ class Dispatcher:
                     command_act_id=r.command_act_id,
                     arguments=r.arguments,
                 )
-                self._send(attachment, r.id, r.attempt + 1, event, mono)
+                lines.append(self._send(attachment, r.id, r.attempt + 1, event_json(event), mono))
+            if lines:
+                attachment.peer.push(b"".join(lines))
 
     def _fetch(
         self, conn: Connection, *, wanted: dict[str, int], now: datetime
@@ -434,27 +437,15 @@ class Dispatcher:
         return found, moved, fetched, killed
 
     def _send(
-        self,
-        attachment: Attachment,
-        delivery_id: int,
-        attempt: int,
-        event: dict[str, Any],
-        mono: float,
-    ) -> None:
-        """Push one delivery (its ``attempt``-th send, at ``mono``) and keep it in flight for
-        its resend wait (the one the send mark wrote)."""
+        self, attachment: Attachment, delivery_id: int, attempt: int, event: bytes, mono: float
+    ) -> bytes:
+        """One delivery's push line (its ``attempt``-th send, at ``mono``; ``event``: the
+        event's JSON), kept in flight for its resend wait (the one the send mark wrote). The
+        caller pushes the lines of a batch together."""
         wait = self.resend_wait(attempt)
         attachment.sent(delivery_id, mono + wait, wait)
         self.sent += 1
-        attachment.peer.push(
-            event_message(
-                subscription_id=attachment.subscription_id,
-                flow_instance_id=attachment.flow_instance_id,
-                delivery_id=delivery_id,
-                attempt=attempt,
-                event=event,
-            )
-        )
+        return event_line(attachment.line_start, delivery_id, attempt, event)
 
     def _deliver_from_fire_thread(self, sends: list[Send], taken: dict[str, int]) -> None:
         """A fire batch committed sends to attached subscriptions (fire thread)."""
@@ -467,15 +458,20 @@ class Dispatcher:
             self.direct.settle(taken)
 
     def _push_direct(self, sends: list[Send], taken: dict[str, int]) -> None:
+        """A fire batch's sends, pushed: each attached subscription's lines in one push."""
         mono = time.monotonic()
         used: dict[str, int] = {}
+        lines: dict[str, list[bytes]] = {}
         try:
             for send in sends:
                 sid = send.subscription_id
                 used[sid] = used.get(sid, 0) + 1
                 attachment = self._attached.get(sid)
                 if attachment is not None and not attachment.peer.closed:
-                    self._send(attachment, send.delivery_id, 1, send.event, mono)
+                    line = self._send(attachment, send.delivery_id, 1, send.event, mono)
+                    lines.setdefault(sid, []).append(line)
                 # else: sent again when its subscriber attaches, or after the ack timeout
+            for sid, pushed in lines.items():
+                self._attached[sid].peer.push(b"".join(pushed))
         finally:
             self.direct.settle(taken, used)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +38,7 @@ class Send:
 
     subscription_id: str
     delivery_id: int
-    event: dict[str, Any]
+    event: bytes  # its JSON (core.event.event_json), made once for all its subscriptions
 
 
 class DirectSends:

@@ -60,12 +60,11 @@ class ClientConnection:
         self.room = asyncio.Event()  # set by the writer when it frees pipeline space
         self.work = asyncio.Event()  # set by the reader when it adds to the pipeline
 
-    def push(self, message: dict[str, Any]) -> None:
-        """Queue a message the client did not ask for (an event): written as soon as the
-        writer runs, before replies not computed yet; it counts in the connection's byte
-        budget like a reply."""
+    def push(self, data: bytes) -> None:
+        """Queue lines the client did not ask for (events, each a line of JSON): written as
+        soon as the writer runs, before replies not computed yet; they count in the
+        connection's byte budget like a reply."""
         if not self.closed:
-            data = encode(message)
             self.pushes.append(data)
             self.pending_bytes += len(data)
             self.work.set()

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine
 from program_timer.core import logs, rules
 from program_timer.core.backoff import Backoff
 from program_timer.core.clock import Clock, utc_iso
-from program_timer.core.event import event_arguments, event_body
+from program_timer.core.event import event_arguments, event_body, event_json
 from program_timer.core.ids import uuid4_strings
 from program_timer.core.model import FIRED, Timer
 from program_timer.core.routing import Router
@@ -187,21 +187,26 @@ def _record_events(
         now=now,
         resend_at=resend_at,
     )
-    result.sends = [
-        Send(sub, delivery_id, _event_of(row))
-        for (row, sub, sent), delivery_id in zip(routed, delivery_ids, strict=True)
-        if sent
-    ]
+    encoded: dict[int, bytes] = {}  # an event's JSON, made once for all its subscriptions
+    for (row, sub, sent), delivery_id in zip(routed, delivery_ids, strict=True):
+        if sent:
+            event = encoded.get(row["id"])
+            if event is None:
+                event = encoded[row["id"]] = _json(row)
+            result.sends.append(Send(sub, delivery_id, event))
     result.deliveries = len(routed)
 
 
-def _event_of(row: dict[str, Any]) -> dict[str, Any]:
-    return event_body(
-        external_event_id=row["external_event_id"],
-        persona_id=row["persona_id"],
-        connector_idn=row["connector_idn"],
-        command_act_id=row["command_act_id"],
-        arguments=row["arguments"],
+def _json(row: dict[str, Any]) -> bytes:
+    """The JSON of an event row's ``timer`` event, as pushed."""
+    return event_json(
+        event_body(
+            external_event_id=row["external_event_id"],
+            persona_id=row["persona_id"],
+            connector_idn=row["connector_idn"],
+            command_act_id=row["command_act_id"],
+            arguments=row["arguments"],
+        )
     )
 
 

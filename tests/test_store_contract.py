@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import Engine, func, select
 
@@ -511,7 +512,7 @@ def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engi
         evs = {e.id: e for e in conn.execute(select(events))}
         rows = list(conn.execute(select(deliveries).order_by(deliveries.c.id)))
     assert len(evs) == n and len(rows) == 2 * n
-    sent = {(s.delivery_id, s.event["externalEventId"]) for s in result.sends}
+    sent = {(s.delivery_id, orjson.loads(s.event)["externalEventId"]) for s in result.sends}
     assert sent == {(d.id, evs[d.event_id].external_event_id) for d in rows if d.sent_at}
     for d in rows:
         if d.sent_at is not None:

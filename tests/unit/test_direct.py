@@ -62,7 +62,7 @@ def test_what_a_batch_did_not_send_is_free_for_the_next_batch_before_its_push() 
     d.attach(lambda sends, held: pushed.append((sends, held)))
     taken = d.reserve()
     assert taken == {"s": 10} and d.reserve() == {}  # the window is the batch's while it runs
-    sends = [Send("s", 1, {}), Send("s", 2, {})]
+    sends = [Send("s", 1, b"{}"), Send("s", 2, b"{}")]
     d.deliver(sends, taken)
     # the next batch (a millisecond later at a steady rate) gets the 8 left, though the event
     # loop has not pushed yet: the 2 sent stay reserved, so the pump cannot fill them twice

@@ -10,6 +10,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from program_timer.core.event import (
+    event_body,
+    event_json,
+    event_line,
+    event_line_start,
+    event_message,
+)
 from program_timer.scheduler.arguments import (
     ArgumentLimits,
     parse_fire_at,
@@ -573,3 +580,41 @@ def test_lone_surrogate_is_refused_or_reply_is_encodable() -> None:
         return
     reply = encode(ok_reply(rid, {"pong": True}))
     assert json.loads(reply)["id"] == rid
+
+
+@pytest.mark.parametrize(
+    ("subscription_id", "flow_instance_id", "delivery_id", "attempt"),
+    [
+        ("flow-42", "flow-42", 1, 1),
+        ('quote " back \\ slash', "é 日本 😀 \n\t", 2**63 - 1, 17),
+        ("", "</script>", 0, 2),
+    ],
+)
+def test_a_push_line_is_the_push_message_encoded(
+    subscription_id: str, flow_instance_id: str, delivery_id: int, attempt: int
+) -> None:
+    """Pushes are spliced from bytes (the subscription's start, the event's JSON made once):
+    the line is byte for byte what encoding the whole message gives, and one JSON line."""
+    event = event_body(
+        external_event_id=str(uuid.uuid4()),
+        persona_id='p "1" \\ ü',
+        connector_idn="c",
+        command_act_id=str(uuid.uuid4()),
+        arguments={"timerName": "t\u2028", "k": "v"},
+    )
+    line = event_line(
+        event_line_start(subscription_id, flow_instance_id),
+        delivery_id,
+        attempt,
+        event_json(event),
+    )
+    message = event_message(
+        subscription_id=subscription_id,
+        flow_instance_id=flow_instance_id,
+        delivery_id=delivery_id,
+        attempt=attempt,
+        event=event,
+    )
+    assert line == encode(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == message
