@@ -63,25 +63,6 @@ def event_body(
     }
 
 
-def event_message(
-    *,
-    subscription_id: str,
-    flow_instance_id: str,
-    delivery_id: int,
-    attempt: int,
-    event: dict[str, Any],
-) -> dict[str, Any]:
-    """The push message, as a dict: what :func:`event_line` writes, spliced from bytes."""
-    return {
-        "op": "event",
-        "subscriptionId": subscription_id,
-        "flowInstanceId": flow_instance_id,
-        "deliveryId": delivery_id,
-        "attempt": attempt,
-        "event": event,
-    }
-
-
 def event_json(event: dict[str, Any]) -> bytes:
     """An event's JSON, made once and spliced into every push of it (:func:`event_line`)."""
     try:
@@ -102,7 +83,8 @@ def event_line_start(subscription_id: str, flow_instance_id: str) -> bytes:
 
 
 def event_line(start: bytes, delivery_id: int, attempt: int, event: bytes) -> bytes:
-    """One push, a line of JSON: :func:`event_message` as the wire's encoder writes it, from the
-    subscription's :func:`event_line_start` and the event's :func:`event_json` (building the
-    message and encoding it whole cost several times as much, a push at a time)."""
+    """One push, a line of JSON (``{"op": "event", "subscriptionId", "flowInstanceId",
+    "deliveryId", "attempt", "event"}``, docs/protocol.md), from the subscription's
+    :func:`event_line_start` and the event's :func:`event_json`: building the message as a dict
+    and encoding it whole cost several times as much, a push at a time."""
     return b'%s%d,"attempt":%d,"event":%s}\n' % (start, delivery_id, attempt, event)

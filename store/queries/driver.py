@@ -52,11 +52,12 @@ def sqlite_datetime(value: datetime | None) -> str | None:
 
 
 def json_dumps(value: Any) -> str:
-    """JSON text of a column value: orjson, several times faster than the standard library."""
+    """JSON text of a column value or a parameter: orjson, several times faster than the
+    standard library (datetimes as RFC 3339 with their offset, by both)."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:  # what orjson refuses (a lone surrogate), the standard library escapes
-        return json.dumps(value)
+        return json.dumps(value, default=datetime.isoformat)
 
 
 json_loads: Final = orjson.loads
@@ -363,7 +364,7 @@ def insert_rows(
             return
         sql = _insert_json_sql(table, columns)
         for start in range(0, len(rows), JSON_ROWS):
-            execute(conn, sql, (_json_rows(rows[start : start + JSON_ROWS]),))
+            execute(conn, sql, (json_dumps(rows[start : start + JSON_ROWS]),))
         return
     _run(conn, _insert_sql(dialect, table.name, columns), _convert(conv, rows), many=True)
 
@@ -389,7 +390,9 @@ def _insert_json_sql(table: Table, columns: tuple[str, ...]) -> str:
     """``INSERT`` of any number of rows given as one JSON array of arrays, each value read back
     as its column's type (a column type not listed in ``_FROM_JSON`` is a bug here, found by
     the first test that writes that table). ``jsonb``: parsed once; ``json`` text would be
-    parsed again for every value taken from it (a third slower command group)."""
+    parsed again for every value taken from it (a third slower command group). The JSON is
+    made in C by orjson, where psycopg's ``COPY`` formatted every value in Python (a tenth of a
+    command group's time) and could not run in a pipeline."""
     values = ", ".join(
         _FROM_JSON[type(table.c[c].type).__name__].format(i=i) for i, c in enumerate(columns)
     )
@@ -397,16 +400,6 @@ def _insert_json_sql(table: Table, columns: tuple[str, ...]) -> str:
         f"INSERT INTO {table.name} ({', '.join(columns)}) "
         f"SELECT {values} FROM jsonb_array_elements(?::jsonb) AS r"
     )
-
-
-def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
-    """Rows as one JSON text, made in C by orjson (datetimes as RFC 3339 with their offset):
-    psycopg's ``COPY`` formatted every value in Python (a tenth of a command group's time), and
-    could not run in a pipeline."""
-    try:
-        return orjson.dumps(rows).decode()
-    except TypeError:  # what orjson refuses (a lone surrogate), the standard library escapes
-        return json.dumps(rows, default=datetime.isoformat)
 
 
 def insert_dicts(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:

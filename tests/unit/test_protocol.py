@@ -15,7 +15,6 @@ from program_timer.core.event import (
     event_json,
     event_line,
     event_line_start,
-    event_message,
 )
 from program_timer.scheduler.arguments import (
     ArgumentLimits,
@@ -608,13 +607,14 @@ def test_a_push_line_is_the_push_message_encoded(
         attempt,
         event_json(event),
     )
-    message = event_message(
-        subscription_id=subscription_id,
-        flow_instance_id=flow_instance_id,
-        delivery_id=delivery_id,
-        attempt=attempt,
-        event=event,
-    )
+    message = {
+        "op": "event",
+        "subscriptionId": subscription_id,
+        "flowInstanceId": flow_instance_id,
+        "deliveryId": delivery_id,
+        "attempt": attempt,
+        "event": event,
+    }
     assert line == encode(message)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == message
