@@ -113,6 +113,13 @@ class DirectSends:
         if known:
             self.lag(known)
 
+    def would_lag(self, subscription_ids: set[str]) -> bool:
+        """Whether deliveries left waiting for these subscriptions make one attached here lag
+        (direct sends on): the batch that left them must commit before the next one reserves
+        (:class:`~program_timer.scheduler.firing.FireLoop`)."""
+        with self._lock:
+            return self._enabled and not self._known.isdisjoint(subscription_ids)
+
     def generation(self, subscription_id: str) -> int:
         with self._lock:
             return self._generation.get(subscription_id, 0)
@@ -171,12 +178,22 @@ class DirectSends:
         and make the subscription lag: the pump's read, mark and push instead of a direct
         send. What was used stays reserved until the push makes it in flight, so the pump
         never fills the same window twice."""
+        self.push(sends, self.unused(sends, taken))
+
+    def unused(self, sends: list[Send], taken: dict[str, int]) -> dict[str, int]:
+        """Free at once the part of ``taken`` the batch's ``sends`` did not use; returns the
+        part used, reserved until :meth:`push`."""
         used: dict[str, int] = {}
         for send in sends:
             used[send.subscription_id] = used.get(send.subscription_id, 0) + 1
         unused = {sid: n - used.get(sid, 0) for sid, n in taken.items() if n > used.get(sid, 0)}
         if unused:
             self.settle(unused)
+        return used
+
+    def push(self, sends: list[Send], used: dict[str, int]) -> None:
+        """Hand a committed batch's sends to be pushed; ``used`` is settled once they are in
+        flight."""
         if not sends:
             return  # nothing to push: no wake-up of the event loop
         # What was sent (always within what was taken) stays reserved until pushed.

@@ -9,9 +9,11 @@ batch with backoff, and logs and counts what fired.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -107,10 +109,12 @@ def fire_batch(
         )
     queries.complete_one_shots(conn, completed, now)
     queries.update_fired(conn, timer_updates)
-    queries.add_timer_counts(conn, changes)
     if event_rows:
         _record_events(conn, event_rows, routes, now, direct, result)
         result.unrouted = sum(1 for subs in routes if not subs)
+    # Last: on PostgreSQL a batch whose predecessor is still committing (FireLoop) waits here,
+    # for the predecessor's count rows, only once everything else of it has been sent.
+    queries.add_timer_counts(conn, changes)
     result.fired = len(event_rows)
     return result
 
@@ -240,6 +244,13 @@ class FireLoop:
         self._stop = threading.Event()
         self.backoff = Backoff("fire_pass")
         self._reported = (0, 0)
+        # PostgreSQL: a full batch commits in its own thread while the next one is claimed
+        # and computed (its rows are locked: the next claim skips them).
+        self._overlap = engine.dialect.name == "postgresql"
+        self._committer = (
+            ThreadPoolExecutor(1, thread_name_prefix="fire-commit") if self._overlap else None
+        )
+        self._pending: Future[None] | None = None
 
     def stop(self) -> None:
         """No new batch starts; a pass waiting to retry returns at once."""
@@ -251,6 +262,15 @@ class FireLoop:
         the scheduler: a steady stream of fires then costs one transaction per fire and no
         thread hand-over. A failing batch is retried here, with backoff, until it succeeds or
         the daemon stops (the scheduler starts no other pass meanwhile)."""
+        try:
+            self._fire_pass()
+        finally:
+            try:
+                self._settle_pending()
+            except Exception:  # rolled back: its timers are claimed again by the next pass
+                log.warning("last fire batch of the pass failed", action="fire_pass_error")
+
+    def _fire_pass(self) -> None:
         while not self._stop.is_set():
             try:
                 result, next_due = self._one_batch()
@@ -267,6 +287,8 @@ class FireLoop:
                 self._stop.wait(self.backoff.failed(repr(exc)))
                 continue
             self.backoff.succeeded()
+            if result is None:
+                continue  # full, committing: more may be due
             self._record(result)
             if result.claimed >= result.limit:
                 continue
@@ -287,21 +309,36 @@ class FireLoop:
             return max(1, self._batch_size // SHARED_FRACTION)
         return self._batch_size
 
-    def _one_batch(self) -> tuple[BatchResult, datetime | None]:
+    def _one_batch(self) -> tuple[BatchResult | None, datetime | None]:
+        """One batch; ``(None, None)`` when it was handed to the committer (full, on
+        PostgreSQL): the next batch is claimed while this one commits."""
         now = self._clock.now()
         limit = self._limit()
         direct = None
+        taken: dict[str, int] = {}
         if self._direct is not None:
             quota = self._direct.reserve()
             taken = dict(quota)
             direct = Direct(quota, now + timedelta(seconds=self._ack_timeout))
         try:
-            with transaction(self._engine) as conn, queries.pipeline(conn):
+            with contextlib.ExitStack() as stack:
+                conn = stack.enter_context(transaction(self._engine))
+                stack.enter_context(queries.pipeline(conn))
                 result = fire_batch(conn, now, limit, self._daemon_id, self._misfire_grace, direct)
                 if result.deliveries > len(result.sends):
                     notify(conn, DELIVERIES, self._daemon_id)
                 full = result.claimed >= limit
                 next_due = None if full else queries.next_due_at(conn)
+                # The batch before commits first (its error rolls this one back): fire order.
+                self._settle_pending()
+                if full and self._overlap and not self._lags(result):
+                    used = self._direct.unused(result.sends, taken) if self._direct else {}
+                    taken = {}
+                    assert self._committer is not None
+                    self._pending = self._committer.submit(
+                        self._commit, stack.pop_all(), result, used
+                    )
+                    return None, None
         except BaseException:
             if self._direct is not None:
                 self._direct.settle(taken)
@@ -311,6 +348,36 @@ class FireLoop:
                 self._direct.waiting(result.waiting)
             self._direct.deliver(result.sends, taken)  # committed: push them now
         return result, next_due
+
+    def _lags(self, result: BatchResult) -> bool:
+        """Whether the batch left deliveries waiting for a subscription attached here: it then
+        commits before the next batch reserves windows, so that the subscription lags first
+        and no direct send of the next batch overtakes them."""
+        return (
+            bool(result.waiting)
+            and self._direct is not None
+            and self._direct.would_lag(result.waiting)
+        )
+
+    def _commit(
+        self, stack: contextlib.ExitStack, result: BatchResult, used: dict[str, int]
+    ) -> None:
+        """The committer thread: a handed-over batch's commit, then its pushes and figures."""
+        try:
+            stack.close()
+        except BaseException:
+            if self._direct is not None:
+                self._direct.settle(used)
+            raise
+        if self._direct is not None:
+            self._direct.push(result.sends, used)
+        self._record(result)
+
+    def _settle_pending(self) -> None:
+        """Wait for the batch handed to the committer; its error is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _record(self, result: BatchResult) -> None:
         self._metrics.record_batch(result.fired, result.dropped, result.lateness)

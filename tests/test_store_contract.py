@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -677,3 +678,130 @@ def test_acks_end_only_the_acking_subscriptions_pending_deliveries_once(engine: 
     with engine.connect() as conn:
         pending = select(func.count()).where(deliveries.c.acked_at.is_(None))
         assert conn.execute(pending).scalar() == 0
+
+
+def _fire_loop_sending_to(
+    engine: Engine, clock: FakeClock, sub: str, pushed: list[tuple[str, list[Any]]]
+) -> tuple[Any, Any]:
+    """A fire loop of batches of 10 whose direct sends go to ``sub`` (attached here, a window
+    of 1,000); each push is recorded with the name of the thread it came from."""
+    from program_timer.events.direct import DirectSends
+    from program_timer.scheduler.firing import FireLoop
+    from program_timer.scheduler.metrics import Metrics
+
+    direct = DirectSends()
+
+    def deliver(sends: list[Any], used: dict[str, int]) -> None:
+        pushed.append((threading.current_thread().name, sends))
+        direct.settle(used)
+
+    direct.attach(deliver)
+    direct.joined(sub)
+    direct.drained(sub, direct.generation(sub))
+    direct.refresh({sub: 1000})
+    metrics = Metrics()
+    loop = FireLoop(
+        engine,
+        clock,
+        metrics,
+        daemon_id="test",
+        batch_size=10,
+        misfire_grace=None,
+        fired=lambda: None,
+        direct=direct,
+    )
+    return loop, metrics
+
+
+def _one_shots_due(engine: Engine, n: int) -> FakeClock:
+    """Subscription ``a`` (no filter) and ``n`` one-shot timers due one second apart."""
+    clock = FakeClock(T0)
+    _subscribe(engine, "a")
+    run(
+        engine,
+        clock,
+        *(
+            req(
+                personaId="p",
+                timerName=f"t{i:03}",
+                fireAt=f"2026-03-01T12:{i // 60:02}:{i % 60:02}Z",
+            )
+            for i in range(n)
+        ),
+    )
+    clock.advance(3600)
+    return clock
+
+
+def _check_fired_once_and_pushed_in_order(
+    engine: Engine, n: int, pushed: list[tuple[str, list[Any]]]
+) -> None:
+    with engine.connect() as conn:
+        evs = list(conn.execute(select(events).order_by(events.c.id)))
+        rows = {d.id: d for d in conn.execute(select(deliveries))}
+        fire_counts = [t.fire_count for t in conn.execute(select(timers))]
+    assert [e.timer_name for e in evs] == [f"t{i:03}" for i in range(n)]  # once each, in order
+    assert fire_counts == [1] * n
+    sends = [s for _, batch in pushed for s in batch]
+    # Everything pushed was committed, sent once, in delivery id order (= fire order).
+    assert [s.delivery_id for s in sends] == sorted(rows)
+    names = [orjson.loads(s.event)["arguments"]["timerName"] for s in sends]
+    assert names == [f"t{i:03}" for i in range(n)]
+
+
+def test_batches_of_a_pass_fire_each_timer_once_and_push_in_fire_order(engine: Engine) -> None:
+    """On PostgreSQL a full batch commits in the committer thread while the next one is
+    claimed and computed (its rows locked, the next claim skips them); the batch after waits
+    for it to commit and push first. Either way: each timer fires once, and what a subscriber
+    attached here is pushed comes in fire order, only once committed."""
+    n = 95
+    clock = _one_shots_due(engine, n)
+    pushed: list[tuple[str, list[Any]]] = []
+    loop, metrics = _fire_loop_sending_to(engine, clock, "a", pushed)
+    loop.fire_pass()
+    assert metrics.fires == n and metrics.batches == 10
+    _check_fired_once_and_pushed_in_order(engine, n, pushed)
+    committer = {name for name, _ in pushed if name.startswith("fire-commit")}
+    assert bool(committer) == (engine.dialect.name == "postgresql")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("first_commit", ["fails", "is slow"])
+def test_a_handed_over_batch_commits_before_the_next_one(pg_url: str, first_commit: str) -> None:
+    """The first batch's commit fails, or takes 0.3 s (a deferred trigger, once, at commit),
+    while the batches after it are computed: none of them commits or pushes before it (a failed
+    one rolls back the next, and the pass is retried), so every timer fires once, pushed in
+    fire order."""
+    from program_timer.store.db import make_engine, upgrade
+
+    first = (
+        "RAISE EXCEPTION 'injected at commit'"
+        if first_commit == "fails"
+        else "PERFORM pg_sleep(0.3)"
+    )
+    engine = make_engine(pg_url)
+    try:
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE SEQUENCE first_commit")
+            conn.exec_driver_sql(
+                "CREATE FUNCTION first_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF nextval('first_commit') = 1 THEN {first}; END IF; RETURN NULL; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE CONSTRAINT TRIGGER first_commit AFTER INSERT ON events "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION first_commit()"
+            )
+        n = 35
+        clock = _one_shots_due(engine, n)
+        pushed: list[tuple[str, list[Any]]] = []
+        loop, metrics = _fire_loop_sending_to(engine, clock, "a", pushed)
+        loop.fire_pass()
+        assert loop.backoff.failures == 0 and metrics.fires == n
+        _check_fired_once_and_pushed_in_order(engine, n, pushed)
+        with engine.connect() as conn:
+            # A trigger call for each event kept, and one for the failed commit.
+            calls = conn.exec_driver_sql("SELECT last_value FROM first_commit").scalar()
+        assert calls == (n + 1 if first_commit == "fails" else n)
+    finally:
+        engine.dispose()
