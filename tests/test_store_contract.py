@@ -343,7 +343,9 @@ def test_kept_counts_follow_every_state_change(engine: Engine) -> None:
 @pytest.mark.parametrize("commands_coming", [False, True])
 def test_fire_batches_shrink_while_commands_come(engine: Engine, commands_coming: bool) -> None:
     """A command waits for the fire transaction in progress: while clients send commands, the
-    fire loop fires in transactions of an eighth of the batch size (all fires still happen)."""
+    fire loop fires in transactions of an eighth of the batch size (all fires still happen),
+    one at a time (on PostgreSQL full batches otherwise commit in the committer thread while
+    the next one is claimed)."""
     from program_timer.scheduler.firing import SHARED_FRACTION, FireLoop
     from program_timer.scheduler.metrics import Metrics
 
@@ -351,6 +353,7 @@ def test_fire_batches_shrink_while_commands_come(engine: Engine, commands_coming
     run(engine, clock, *[req(personaId="p", timerName=f"t{i}", interval="1") for i in range(101)])
     clock.advance(2)
     metrics = Metrics()
+    recorded_by: set[str] = set()
     loop = FireLoop(
         engine,
         clock,
@@ -358,13 +361,15 @@ def test_fire_batches_shrink_while_commands_come(engine: Engine, commands_coming
         daemon_id="test",
         batch_size=40,
         misfire_grace=None,
-        fired=lambda: None,
+        fired=lambda: recorded_by.add(threading.current_thread().name),
         commands_waiting=lambda: commands_coming,
     )
     loop.fire_pass()
     assert metrics.fires == 101
     per_batch = 40 // SHARED_FRACTION if commands_coming else 40
     assert metrics.batches == -(-101 // per_batch)  # full batches, then the rest
+    overlapped = any(name.startswith("fire-commit") for name in recorded_by)
+    assert overlapped == (engine.dialect.name == "postgresql" and not commands_coming)
 
 
 def _event_row(event_id: int, now: datetime) -> dict[str, Any]:
@@ -803,5 +808,29 @@ def test_a_handed_over_batch_commits_before_the_next_one(pg_url: str, first_comm
             # A trigger call for each event kept, and one for the failed commit.
             calls = conn.exec_driver_sql("SELECT last_value FROM first_commit").scalar()
         assert calls == (n + 1 if first_commit == "fails" else n)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_counts_on_two_lanes_of_one_thread_never_wait_for_each_other(pg_url: str) -> None:
+    """The fire loop computes a batch while the one before commits, and waits for it: were both
+    to count on one shard, the one before could wait for a count row the one after holds (a
+    deadlock the server cannot see). On two lanes they share no row; on one lane they do."""
+    from program_timer.store.db import make_engine, upgrade
+
+    engine = make_engine(pg_url)
+    try:
+        upgrade(engine)
+        with transaction(engine) as first:
+            queries.add_timer_counts(first, {"scheduled": 1}, lane=0)
+            with transaction(engine) as second:
+                second.exec_driver_sql("SET LOCAL lock_timeout = '200ms'")
+                queries.add_timer_counts(second, {"scheduled": 1}, lane=1)
+            with pytest.raises(Conflict, match="lock timeout"), transaction(engine) as third:
+                third.exec_driver_sql("SET LOCAL lock_timeout = '200ms'")
+                queries.add_timer_counts(third, {"scheduled": 1}, lane=0)
+        with transaction(engine) as conn:
+            assert queries.timer_counts(conn) == {"scheduled": 2}
     finally:
         engine.dispose()

@@ -243,16 +243,19 @@ _thread = threading.local()
 _shards = itertools.count(random.randrange(SHARDS))
 
 
-def _shard(conn: Connection) -> int:
+def _shard(conn: Connection, lane: int) -> int:
     """This thread's shard of the counts: on PostgreSQL each writing thread adds to its own
     rows (a daemon's threads never share one; two daemons' rarely), so transactions running at
-    once do not queue on a count. SQLite has one writer at a time: one row per state."""
+    once do not queue on a count. A thread with two transactions open at once (the fire loop:
+    a batch is computed while the one before commits, and waits for it) writes them on two
+    lanes, never on one shard: the one before never waits for a row the one after holds.
+    SQLite has one writer at a time: one row per state."""
     if conn.dialect.name == "sqlite":
         return 0
     shard: int | None = getattr(_thread, "shard", None)
     if shard is None:
         shard = _thread.shard = next(_shards) % SHARDS
-    return shard
+    return (shard + lane * (SHARDS // 2)) % SHARDS
 
 
 def count_change(changes: dict[str, int], old: str | None, new: str | None) -> None:
@@ -264,13 +267,14 @@ def count_change(changes: dict[str, int], old: str | None, new: str | None) -> N
             changes[new] = changes.get(new, 0) + 1
 
 
-def add_timer_counts(conn: Connection, changes: Mapping[str, int]) -> None:
+def add_timer_counts(conn: Connection, changes: Mapping[str, int], lane: int = 0) -> None:
     """Add ``changes`` (state -> delta) to the kept counts, in the caller's transaction: one
-    statement, states in one order (two transactions never take the rows in opposite order)."""
+    statement, states in one order (two transactions never take the rows in opposite order);
+    ``lane``: see :func:`_shard`."""
     rows = sorted((state, n) for state, n in changes.items() if n)
     if not rows:
         return
-    shard = _shard(conn)
+    shard = _shard(conn, lane)
     params = [v for state, n in rows for v in (state, shard, n)]
     driver.execute(conn, _upsert_counts(len(rows)), params)
 
