@@ -90,15 +90,25 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
+def _migrated_engine(url: str) -> Iterator[Engine]:
+    eng = make_engine(url)
     upgrade(eng)
     yield eng
     pool = eng.pool
     checked_out = pool.checkedout() if hasattr(pool, "checkedout") else 0
     eng.dispose()
     assert checked_out == 0, f"{checked_out} database connections leaked"
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    yield from _migrated_engine(db_url)
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    """The ``engine`` of a test that runs on PostgreSQL only."""
+    yield from _migrated_engine(pg_url)
 
 
 @pytest.fixture

@@ -405,29 +405,22 @@ def test_a_duplicate_in_the_fire_paths_bulk_insert_is_a_conflict(engine: Engine)
 
 @pytest.mark.postgres
 def test_a_server_lost_during_a_bulk_insert_is_unavailable_and_the_next_transaction_works(
-    pg_url: str,
+    pg_url: str, pg_engine: Engine
 ) -> None:
     """The server side of the connection dies inside a fire's transaction, at its insert:
     the caller sees ``StoreUnavailable`` (the outage policy), and the dead connection does not
     come back from the pool."""
     import psycopg
 
-    from program_timer.store.db import make_engine, upgrade
-
-    engine = make_engine(pg_url)
-    try:
-        upgrade(engine)
-        with pytest.raises(StoreUnavailable), transaction(engine) as conn:
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            queries.insert_events(conn, [_event_row(8, T0)])
-        with transaction(engine) as conn:  # the dead connection left the pool
-            queries.insert_events(conn, [_event_row(9, T0)])
-        with engine.connect() as conn:
-            assert conn.execute(select(events.c.id)).scalars().all() == [9]
-    finally:
-        engine.dispose()
+    with pytest.raises(StoreUnavailable), transaction(pg_engine) as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        queries.insert_events(conn, [_event_row(8, T0)])
+    with transaction(pg_engine) as conn:  # the dead connection left the pool
+        queries.insert_events(conn, [_event_row(9, T0)])
+    with pg_engine.connect() as conn:
+        assert conn.execute(select(events.c.id)).scalars().all() == [9]
 
 
 @pytest.mark.postgres
@@ -549,27 +542,20 @@ def test_an_error_inside_a_pipeline_is_a_store_error_and_nothing_is_kept(
 
 @pytest.mark.postgres
 def test_a_server_lost_inside_a_pipeline_is_unavailable_and_the_next_transaction_works(
-    pg_url: str,
+    pg_url: str, pg_engine: Engine
 ) -> None:
     import psycopg
 
-    from program_timer.store.db import make_engine, upgrade
-
-    engine = make_engine(pg_url)
-    try:
-        upgrade(engine)
-        with pytest.raises(StoreUnavailable), transaction(engine) as conn, queries.pipeline(conn):
-            pid = conn.connection.dbapi_connection.info.backend_pid  # no round trip
-            with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            queries.insert_events(conn, [_event_row(30, T0)])
-            queries.next_due_at(conn)
-        with transaction(engine) as conn, queries.pipeline(conn):
-            queries.insert_events(conn, [_event_row(31, T0)])
-        with engine.connect() as conn:
-            assert conn.execute(select(events.c.id)).scalars().all() == [31]
-    finally:
-        engine.dispose()
+    with pytest.raises(StoreUnavailable), transaction(pg_engine) as conn, queries.pipeline(conn):
+        pid = conn.connection.dbapi_connection.info.backend_pid  # no round trip
+        with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        queries.insert_events(conn, [_event_row(30, T0)])
+        queries.next_due_at(conn)
+    with transaction(pg_engine) as conn, queries.pipeline(conn):
+        queries.insert_events(conn, [_event_row(31, T0)])
+    with pg_engine.connect() as conn:
+        assert conn.execute(select(events.c.id)).scalars().all() == [31]
 
 
 @pytest.mark.parametrize("rows", [1, driver.PIPELINE_ROWS + 1])
@@ -772,65 +758,53 @@ def test_batches_of_a_pass_fire_each_timer_once_and_push_in_fire_order(engine: E
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("first_commit", ["fails", "is slow"])
-def test_a_handed_over_batch_commits_before_the_next_one(pg_url: str, first_commit: str) -> None:
+def test_a_handed_over_batch_commits_before_the_next_one(
+    pg_engine: Engine, first_commit: str
+) -> None:
     """The first batch's commit fails, or takes 0.3 s (a deferred trigger, once, at commit),
     while the batches after it are computed: none of them commits or pushes before it (a failed
     one rolls back the next, and the pass is retried), so every timer fires once, pushed in
     fire order."""
-    from program_timer.store.db import make_engine, upgrade
-
     first = (
         "RAISE EXCEPTION 'injected at commit'"
         if first_commit == "fails"
         else "PERFORM pg_sleep(0.3)"
     )
-    engine = make_engine(pg_url)
-    try:
-        upgrade(engine)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("CREATE SEQUENCE first_commit")
-            conn.exec_driver_sql(
-                "CREATE FUNCTION first_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                f"IF nextval('first_commit') = 1 THEN {first}; END IF; RETURN NULL; END $$"
-            )
-            conn.exec_driver_sql(
-                "CREATE CONSTRAINT TRIGGER first_commit AFTER INSERT ON events "
-                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION first_commit()"
-            )
-        n = 35
-        clock = _one_shots_due(engine, n)
-        pushed: list[tuple[str, list[Any]]] = []
-        loop, metrics = _fire_loop_sending_to(engine, clock, "a", pushed)
-        loop.fire_pass()
-        assert loop.backoff.failures == 0 and metrics.fires == n
-        _check_fired_once_and_pushed_in_order(engine, n, pushed)
-        with engine.connect() as conn:
-            # A trigger call for each event kept, and one for the failed commit.
-            calls = conn.exec_driver_sql("SELECT last_value FROM first_commit").scalar()
-        assert calls == (n + 1 if first_commit == "fails" else n)
-    finally:
-        engine.dispose()
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SEQUENCE first_commit")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION first_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF nextval('first_commit') = 1 THEN {first}; END IF; RETURN NULL; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE CONSTRAINT TRIGGER first_commit AFTER INSERT ON events "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION first_commit()"
+        )
+    n = 35
+    clock = _one_shots_due(pg_engine, n)
+    pushed: list[tuple[str, list[Any]]] = []
+    loop, metrics = _fire_loop_sending_to(pg_engine, clock, "a", pushed)
+    loop.fire_pass()
+    assert loop.backoff.failures == 0 and metrics.fires == n
+    _check_fired_once_and_pushed_in_order(pg_engine, n, pushed)
+    with pg_engine.connect() as conn:
+        # A trigger call for each event kept, and one for the failed commit.
+        calls = conn.exec_driver_sql("SELECT last_value FROM first_commit").scalar()
+    assert calls == (n + 1 if first_commit == "fails" else n)
 
 
 @pytest.mark.postgres
-def test_counts_on_two_lanes_of_one_thread_never_wait_for_each_other(pg_url: str) -> None:
+def test_counts_on_two_lanes_of_one_thread_never_wait_for_each_other(pg_engine: Engine) -> None:
     """The fire loop computes a batch while the one before commits, and waits for it: were both
     to count on one shard, the one before could wait for a count row the one after holds (a
     deadlock the server cannot see). On two lanes they share no row; on one lane they do."""
-    from program_timer.store.db import make_engine, upgrade
-
-    engine = make_engine(pg_url)
-    try:
-        upgrade(engine)
-        with transaction(engine) as first:
-            queries.add_timer_counts(first, {"scheduled": 1}, lane=0)
-            with transaction(engine) as second:
-                second.exec_driver_sql("SET LOCAL lock_timeout = '200ms'")
-                queries.add_timer_counts(second, {"scheduled": 1}, lane=1)
-            with pytest.raises(Conflict, match="lock timeout"), transaction(engine) as third:
-                third.exec_driver_sql("SET LOCAL lock_timeout = '200ms'")
-                queries.add_timer_counts(third, {"scheduled": 1}, lane=0)
-        with transaction(engine) as conn:
-            assert queries.timer_counts(conn) == {"scheduled": 2}
-    finally:
-        engine.dispose()
+    with transaction(pg_engine) as first:
+        queries.add_timer_counts(first, {"scheduled": 1}, lane=0)
+        with transaction(pg_engine) as second:
+            second.exec_driver_sql("SET LOCAL lock_timeout = '200ms'")
+            queries.add_timer_counts(second, {"scheduled": 1}, lane=1)
+        with pytest.raises(Conflict, match="lock timeout"), transaction(pg_engine) as third:
+            third.exec_driver_sql("SET LOCAL lock_timeout = '200ms'")
+            queries.add_timer_counts(third, {"scheduled": 1}, lane=0)
+    with transaction(pg_engine) as conn:
+        assert queries.timer_counts(conn) == {"scheduled": 2}
