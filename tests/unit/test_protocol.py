@@ -291,6 +291,46 @@ def test_parse_fire_at_directly() -> None:
 @pytest.mark.parametrize(
     "text",
     [
+        "2030-06-01T12:00:00Z",
+        "2030-06-01T23:59:59Z",
+        "2030-06-01T24:00:00Z",
+        "2030-06-01T12:60:00Z",
+        "2030-06-01T12:00:60Z",
+        "2030-02-29T12:00:00Z",
+        "2032-02-29T12:00:00Z",
+        "2030-13-01T12:00:00Z",
+        "2030-00-01T12:00:00Z",
+        "0000-01-01T00:00:00Z",
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59Z",
+        "2030-W22-6T12:00:00Z",
+        "2030-06-01 12:00:00Z",
+        "2030-06-01t12:00:00Z",
+        "2030-06-01T12:00:00z",
+        "\uff12\uff10\uff13\uff10-06-01T12:00:00Z",  # full-width digits
+        "2030-06-01T12:00:0\u0661Z",
+    ],
+)
+def test_fire_at_in_utc_read_as_the_general_form_reads_it(text: str) -> None:
+    """``YYYY-MM-DDTHH:MM:SSZ`` has a path of its own (``datetime.fromisoformat``); the same
+    text with a trailing space takes the general one: both give the same instant or both refuse."""
+    paris = ZoneInfo("Europe/Paris")
+
+    def outcome(value: str) -> datetime | str:
+        try:
+            return parse_fire_at(value, paris)
+        except ProtocolError as err:
+            return err.message.replace(repr(value), "<given>")
+
+    fast, general = outcome(text), outcome(text + " ")
+    assert fast == general
+    if isinstance(fast, datetime):
+        assert fast.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         "",
         "tomorrow",
         "2030-06-01",
