@@ -292,6 +292,12 @@ def test_parse_fire_at_directly() -> None:
     "text",
     [
         "2030-06-01T12:00:00Z",
+        "2030-06-01T12:00:00.5Z",
+        "2030-06-01T12:00:00.000001Z",
+        "2030-06-01T12:00:00.123456Z",
+        "2030-06-01T12:00:00.1234567Z",
+        "2030-06-01T12:00:00.Z",
+        "2030-06-01T12:00Z",
         "2030-06-01T23:59:59Z",
         "2030-06-01T24:00:00Z",
         "2030-06-01T12:60:00Z",
@@ -312,8 +318,9 @@ def test_parse_fire_at_directly() -> None:
     ],
 )
 def test_fire_at_in_utc_read_as_the_general_form_reads_it(text: str) -> None:
-    """``YYYY-MM-DDTHH:MM:SSZ`` has a path of its own (``datetime.fromisoformat``); the same
-    text with a trailing space takes the general one: both give the same instant or both refuse."""
+    """``YYYY-MM-DDTHH:MM:SS[.ffffff]Z`` has a path of its own (``datetime.fromisoformat``);
+    the same text with a trailing space takes the general one: both give the same instant or
+    both refuse."""
     paris = ZoneInfo("Europe/Paris")
 
     def outcome(value: str) -> datetime | str:
