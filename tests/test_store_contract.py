@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import threading
 import time
 import uuid
@@ -625,6 +626,37 @@ def test_timers_written_in_bulk_read_back_exactly(
     assert {k: dataclasses.replace(t, id=None) for k, t in found.items()} == {
         (t.persona_id, t.timer_name): t for t in written
     }
+
+
+def test_a_command_group_reads_its_timers_by_key_through_the_index(engine: Engine) -> None:
+    """The keys of a command group are looked up one index probe each, never by reading the
+    whole table: PostgreSQL, guessing 100 keys, chose a hash join over the whole table below
+    some 25,000 rows (2.6 ms for 256 keys at 10,000 rows, 1.1 ms through the index)."""
+    from program_timer.store.queries.timers import _timers_by_key
+
+    stored = [dataclasses.replace(_odd_timer(i), persona_id=f"p{i // 100}") for i in range(10_000)]
+    with transaction(engine) as conn:
+        queries.insert_timers(conn, stored)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        keys = [(f"p{i // 100}", stored[i].timer_name) for i in range(0, 10_000, 39)]
+        keys += [("nobody", f"n{i}") for i in range(30)]
+        (statement,) = _timers_by_key(conn, keys)
+        if engine.dialect.name == "postgresql":
+            sql = "EXPLAIN (FORMAT JSON) " + driver._postgres_marks(statement.sql)
+            plan = json.dumps(conn.exec_driver_sql(sql, statement.params).scalar())
+            assert '"Node Type": "Seq Scan"' not in plan, plan
+            assert '"Index Name": "uq_timers_persona_name"' in plan, plan
+        else:
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement.sql, statement.params)
+            plan = " | ".join(str(row[-1]) for row in rows)
+            assert "SCAN timers" not in plan, plan
+            assert "USING INDEX" in plan, plan
+        rows = driver.fetch_many(conn, [statement])[0]
+    assert len(rows) == 257
+    with transaction(engine) as conn:
+        found, _, _ = queries.load_working_set(conn, keys, [], [])
+    assert sorted(found) == sorted(keys[:-30])
 
 
 def test_acks_end_only_the_acking_subscriptions_pending_deliveries_once(engine: Engine) -> None:
