@@ -391,6 +391,16 @@ def _multi_rows(kind: str, r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _probe_line(meta: dict[str, Any]) -> str:
+    before, after = meta.get("probe_us_before"), meta.get("probe_us_after")
+    if before is None or after is None:  # results of before the probe
+        return "Machine probe: not taken."
+    return (
+        f'Machine probe (python -m timeit "d={{}}" "for i in range(1000): d[i]=str(i)", '
+        f"lower is faster): {before:.0f} us before / {after:.0f} us after."
+    )
+
+
 def format_table(results: dict[str, Any]) -> str:
     rows = [HEADER] + [r.cells for r in build_rows(results)]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
@@ -409,6 +419,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"program-timer benchmark: sizes={meta['sizes']}, {meta['cpus']} CPUs, "
         f"load average {meta['load_before']:.2f} before / {meta['load_after']:.2f} after, "
         f"{meta['elapsed_s']:.0f} s",
+        _probe_line(meta),
         "Burst rates count from the instant the timers fell due to the moment the harness saw "
         "the last event committed.",
         "vs stock / vs ceiling: how many times better ours is (rates: ours ÷ theirs; "

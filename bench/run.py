@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+import timeit
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -293,6 +294,14 @@ def run_multi(
             )
 
 
+def machine_probe_us() -> float:
+    """The machine's speed for pure Python now: µs for the README's probe, ``python -m timeit
+    "d={}" "for i in range(1000): d[i]=str(i)"`` (best of 5). The same machine has run it in 56
+    to 174 µs: a run's rates are read against its own probe, before and after."""
+    loop = timeit.Timer("for i in range(1000): d[i]=str(i)", "d={}")
+    return round(min(loop.repeat(repeat=5, number=500)) / 500 * 1e6, 1)
+
+
 def run(
     sizes_name: str,
     databases: list[str],
@@ -321,6 +330,7 @@ def run(
             "python": platform.python_version(),
             "platform": platform.platform(),
             "load_before": os.getloadavg()[0],
+            "probe_us_before": machine_probe_us(),
             "scenarios": sorted(scenarios),
             "versions": _versions(),
         }
@@ -338,6 +348,7 @@ def run(
                 stock_rate=stock_rate,
             )
     results["meta"]["load_after"] = os.getloadavg()[0]
+    results["meta"]["probe_us_after"] = machine_probe_us()
     results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
 
     # Raw lateness samples go to a file of their own; the main JSON keeps the summaries.

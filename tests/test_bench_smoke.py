@@ -96,7 +96,10 @@ def test_benchmark_runs_every_scenario_on_tiny_sizes(tmp_path: Path) -> None:
     assert not any(name.startswith("multi_") for name in r)
 
     # The files: raw figures, lateness samples, the table, and the plot.
-    assert json.loads(files["json"].read_text())["meta"]["sizes"] == "tiny"
+    meta = json.loads(files["json"].read_text())["meta"]
+    assert meta["sizes"] == "tiny"
+    # The machine's speed before and after, to read the run's rates against.
+    assert _positive(meta["probe_us_before"]) and _positive(meta["probe_us_after"])
     samples = json.loads(files["samples"].read_text())["sqlite"]
     assert {"ours", "stock", "read", "read_high"} <= set(samples)
     assert len(samples["read_high"]["read_latency_s"]) == r["steady_read_high"]["n"]
@@ -104,6 +107,8 @@ def test_benchmark_runs_every_scenario_on_tiny_sizes(tmp_path: Path) -> None:
     assert "stock APS" in table and "ceiling" in table and "sqlite" in table
     assert table.strip() == format_table(results).strip()
     assert "sqlite: multi skipped" in table
+    probe = f"{meta['probe_us_before']:.0f} us before / {meta['probe_us_after']:.0f} us after"
+    assert probe in table
     assert table.count("scheduledAt → read by subscriber") == 2
     assert "4 clients together pipelining set_timer/s" in table
     if importlib.util.find_spec("matplotlib") is not None:
