@@ -46,6 +46,10 @@ class ClientConnection:
         # waiting for its write, a command for its transaction): a push may come between any
         # two replies (docs/protocol.md).
         self.pending: deque[asyncio.Future[bytes] | bytes] = deque()
+        # How many requests each place in ``pending`` answers (a run of commands: several),
+        # and how many requests are read and not yet answered in writing.
+        self.pending_requests: deque[int] = deque()
+        self.requests = 0
         self.pushes: deque[bytes] = deque()
         self.pending_bytes = 0
         # Requests whose reply is not computed yet hold no bytes, but will: each is counted
@@ -93,10 +97,10 @@ class ClientConnection:
             self.writer.transport.abort()
 
     def full(self) -> bool:
-        if not self.pending and not self.pushes:
+        if not self.requests and not self.pushes:
             return False
         expected = self.pending_bytes + self.unanswered * self.reply_estimate
-        return len(self.pending) >= self.max_pipeline or expected >= PIPELINE_BYTES
+        return self.requests >= self.max_pipeline or expected >= PIPELINE_BYTES
 
 
 def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:

@@ -218,7 +218,7 @@ class Daemon:
     async def _start_socket(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
         self.server = SocketServer(
-            self._handler().start,
+            self._handler().start_lines,
             path=settings.socket,
             mode=settings.mode,
             allowed_uids=settings.uid_allow_list,

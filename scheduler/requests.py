@@ -103,21 +103,41 @@ class RequestHandler:
         self.connections = connections
         self.clock = clock
 
-    def start(self, conn: ClientConnection, line: bytes) -> asyncio.Future[dict[str, Any]]:
-        """The reply to one request line, as a future. A command's reply is made from its
-        outcome by a callback, without a task: creating a task per command was 9 % of the event
-        loop's time per command, and resuming the coroutines of its answer at each step more
-        (py-spy, ``bench.run --scenarios commands``). Any other request is answered by a task
-        running :meth:`_reply`."""
-        try:
-            rid, request = decode_line(line)
-        except ProtocolError as err:
-            done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            done.set_result(error_reply(getattr(err, "request_id", None), err))
-            return done
-        if isinstance(request, CommandRequest):
-            return self._start_command(rid, request)
-        return asyncio.ensure_future(self._reply(conn, rid, request))
+    def start_lines(
+        self, conn: ClientConnection, lines: list[bytes]
+    ) -> list[tuple[int, asyncio.Future[Any]]]:
+        """The replies to request lines read together, in order: ``(n, future)`` for each of
+        their runs, the future giving the reply of one line (a dict) or, for ``n`` commands in
+        a row (one or more), the list of their ``n`` replies.
+
+        Commands in a row go to the store worker as one run: one future, one deadline, one
+        callback for all, where each command had three futures, a deadline and two callbacks
+        (a tenth of the daemon's time per pipelined ``set_timer``; README, "Speed", tenth
+        part). Any other request is answered by a task running :meth:`_reply`; a line that is
+        not a valid request gets its error reply at once."""
+        loop = asyncio.get_running_loop()
+        out: list[tuple[int, asyncio.Future[Any]]] = []
+        ids: list[Any] = []
+        commands: list[CommandRequest] = []
+        for line in lines:
+            try:
+                rid, request = decode_line(line)
+            except ProtocolError as err:
+                reply: asyncio.Future[Any] = loop.create_future()
+                reply.set_result(error_reply(getattr(err, "request_id", None), err))
+            else:
+                if isinstance(request, CommandRequest):
+                    ids.append(rid)
+                    commands.append(request)
+                    continue
+                reply = asyncio.ensure_future(self._reply(conn, rid, request))
+            if commands:  # the commands before it come first
+                out.append((len(commands), self._start_run(loop, ids, commands)))
+                ids, commands = [], []
+            out.append((1, reply))
+        if commands:
+            out.append((len(commands), self._start_run(loop, ids, commands)))
+        return out
 
     async def _reply(self, conn: ClientConnection, rid: Any, request: Request) -> dict[str, Any]:
         try:
@@ -195,53 +215,57 @@ class RequestHandler:
             return {"redelivered": done}
         raise AssertionError(request)  # pragma: no cover
 
-    def _start_command(self, rid: Any, request: CommandRequest) -> asyncio.Future[dict[str, Any]]:
-        """Queue one command for the store worker, within the database timeout; its reply is
-        made by :meth:`_command_done` when its outcome comes."""
-        loop = asyncio.get_running_loop()
-        outcome = self._worker.command(request, loop)
-        deadline = self._deadlines.add(outcome)
-        reply: asyncio.Future[dict[str, Any]] = loop.create_future()
-        outcome.add_done_callback(
-            functools.partial(
-                self._command_done, reply, rid, request, deadline, time.perf_counter()
-            )
+    def _start_run(
+        self, loop: asyncio.AbstractEventLoop, ids: list[Any], requests: list[CommandRequest]
+    ) -> asyncio.Future[list[dict[str, Any]]]:
+        """Queue commands for the store worker, within the database timeout; their replies are
+        made by :meth:`_run_done` when their outcomes come."""
+        outcomes = self._worker.commands(requests, loop)
+        deadline = self._deadlines.add(outcomes)
+        replies: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
+        outcomes.add_done_callback(
+            functools.partial(self._run_done, replies, ids, requests, deadline, time.perf_counter())
         )
-        return reply
+        return replies
 
-    def _command_done(
+    def _run_done(
         self,
-        reply: asyncio.Future[dict[str, Any]],
-        rid: Any,
-        request: CommandRequest,
+        replies: asyncio.Future[list[dict[str, Any]]],
+        ids: list[Any],
+        requests: list[CommandRequest],
         deadline: Deadline,
         started: float,
-        outcome: asyncio.Future[Outcome],
+        outcomes: asyncio.Future[list[Outcome]],
     ) -> None:
-        """One command's reply from its outcome; the command counted by name and result
+        """Each command's reply from its outcome; each command counted by name and result
         (``ok`` or the error code)."""
-        if outcome.cancelled() and not deadline.expired:
-            reply.cancel()  # the daemon is stopping
+        if outcomes.cancelled() and not deadline.expired:
+            replies.cancel()  # the daemon is stopping
             return
-        result = "internal"
-        try:
-            if outcome.cancelled():
-                raise self._timed_out(request.commandIdn not in READ_ONLY_COMMANDS)
-            done = outcome.result()
-            if done.error is not None:
-                raise done.error
-            assert done.result is not None
-            result = "ok"
-            reply.set_result(ok_reply(rid, done.result))
-        except Exception as exc:
-            if isinstance(exc, ProtocolError):
-                result = exc.code
-            elif isinstance(exc, StoreUnavailable):
-                result = "unavailable"
-            reply.set_result(self._failed(rid, exc))
-        finally:
-            name = request.commandIdn if request.commandIdn in COMMANDS else "other"
-            self._metrics.record_command(name, result, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        done = None if outcomes.cancelled() else outcomes.result()
+        out = []
+        for i, (rid, request) in enumerate(zip(ids, requests, strict=True)):
+            result = "internal"
+            try:
+                if done is None:
+                    raise self._timed_out(request.commandIdn not in READ_ONLY_COMMANDS)
+                outcome = done[i]
+                if outcome.error is not None:
+                    raise outcome.error
+                assert outcome.result is not None
+                result = "ok"
+                out.append(ok_reply(rid, outcome.result))
+            except Exception as exc:
+                if isinstance(exc, ProtocolError):
+                    result = exc.code
+                elif isinstance(exc, StoreUnavailable):
+                    result = "unavailable"
+                out.append(self._failed(rid, exc))
+            finally:
+                name = request.commandIdn if request.commandIdn in COMMANDS else "other"
+                self._metrics.record_command(name, result, took)
+        replies.set_result(out)
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
         """``fn(connection)`` in a read-only transaction on a store reader (on SQLite it does

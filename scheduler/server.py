@@ -37,9 +37,20 @@ from program_timer.scheduler.socket_file import (
 
 log = get_logger()
 
-Handler = Callable[["ClientConnection", bytes], Awaitable[dict[str, Any]]]
-"""A request line's reply: a future (the daemon's :meth:`RequestHandler.start`: no task per
-request) or a coroutine, run as a task."""
+Handler = Callable[["ClientConnection", list[bytes]], list[tuple[int, "asyncio.Future[Any]"]]]
+"""The replies to request lines read together, in order (the daemon's
+:meth:`RequestHandler.start_lines`): ``(n, future)`` for each run of ``n`` lines, the future
+giving the reply (a dict) of one line, or the list of the ``n`` replies of a run."""
+
+
+def per_line(answer: Callable[[ClientConnection, bytes], Awaitable[dict[str, Any]]]) -> Handler:
+    """A :data:`Handler` answering each line on its own, with ``answer`` run as a task."""
+
+    def start(conn: ClientConnection, lines: list[bytes]) -> list[tuple[int, asyncio.Future[Any]]]:
+        return [(1, asyncio.ensure_future(answer(conn, line))) for line in lines]
+
+    return start
+
 
 LINE_TIMEOUT: Final = 60.0
 """Seconds a started request line may take to be finished before the connection is dropped."""
@@ -264,13 +275,25 @@ class SocketServer:
             scan = len(buf)
             buf += chunk
             start = 0
+            lines: list[bytes] = []  # read, not dispatched yet: dispatched together
             while (end := buf.find(b"\n", scan)) >= 0:
                 if end - start > MAX_LINE:
+                    self._dispatch(conn, lines)
                     return await self._too_large(conn)
                 line = bytes(buf[start : end + 1])
                 start = scan = end + 1
-                if line.strip() and not await self._dispatch(conn, line):
-                    return False
+                if not line.strip():
+                    continue
+                if conn.full():
+                    self._dispatch(conn, lines)  # they make room as they are answered
+                    lines = []
+                    if not await self._wait_for_room(conn):
+                        return False
+                conn.requests += 1
+                conn.unanswered += 1
+                conn.pending_bytes += len(line)
+                lines.append(line)
+            self._dispatch(conn, lines)
             if start:
                 del buf[:start]
                 deadline = loop.time() + self._line_timeout  # a new line starts now
@@ -291,17 +314,21 @@ class SocketServer:
             await conn.room.wait()
         return not conn.closed
 
-    async def _dispatch(self, conn: ClientConnection, line: bytes) -> bool:
-        if not await self._wait_for_room(conn):
-            return False
-        conn.pending_bytes += len(line)
-        conn.unanswered += 1
-        reply = asyncio.get_running_loop().create_future()
-        answer = asyncio.ensure_future(self._handler(conn, line))  # a future stays itself
-        answer.add_done_callback(functools.partial(self._answered, conn, line, reply))
-        conn.pending.append(reply)
+    def _dispatch(self, conn: ClientConnection, lines: list[bytes]) -> None:
+        """Hand lines (counted in the pipeline already) to the handler; each run of them takes
+        one place in the pipeline, its replies written together in request order."""
+        if not lines:
+            return
+        loop = asyncio.get_running_loop()
+        at = 0
+        for n, answer in self._handler(conn, lines):
+            size = sum(len(line) for line in lines[at : at + n]) if n > 1 else len(lines[at])
+            at += n
+            reply = loop.create_future()
+            answer.add_done_callback(functools.partial(self._answered, conn, n, size, reply))
+            conn.pending.append(reply)
+            conn.pending_requests.append(n)
         conn.work.set()
-        return True
 
     def _dispatch_error(self, conn: ClientConnection, code: str, message: str) -> None:
         """Queue the last reply of a dropped client (beyond the pipeline's bounds: one line)."""
@@ -310,32 +337,40 @@ class SocketServer:
         data = encode(error_reply(None, ProtocolError(code, message)))
         conn.pending_bytes += len(data)
         conn.pending.append(data)
+        conn.pending_requests.append(0)
         conn.work.set()
 
     def _answered(
         self,
         conn: ClientConnection,
-        line: bytes,
+        n: int,
+        size: int,
         reply: asyncio.Future[bytes],
-        answer: asyncio.Future[dict[str, Any]],
+        answer: asyncio.Future[Any],
     ) -> None:
-        """A request's answer came: its line is the reply at its place in the pipeline, and
-        the writer is told (it waits for the reply at its head)."""
-        conn.unanswered -= 1
+        """The answer to ``n`` lines of ``size`` bytes came: their reply lines, at their place
+        in the pipeline, and the writer is told (it waits for the reply at its head)."""
+        conn.unanswered -= n
         if answer.cancelled():
             reply.cancel()  # the daemon is stopping
         else:
             exc = answer.exception()
             if exc is not None:  # the handler answers every failure: this is a bug
                 log.error("request failed", action="request_failed", exc_info=exc)
-                message = error_reply(
-                    None, ProtocolError("internal", "internal error; see the log")
-                )
+                failed = error_reply(None, ProtocolError("internal", "internal error; see the log"))
+                messages = [failed] * n
             else:
-                message = answer.result()
-            data = encode_reply(message)
-            conn.pending_bytes += len(data) - len(line)
-            conn.reply_estimate = max(len(data), MIN_REPLY_ESTIMATE, conn.reply_estimate * 15 // 16)
+                result = answer.result()
+                messages = result if isinstance(result, list) else [result]
+            estimate = conn.reply_estimate
+            parts = []
+            for message in messages:
+                part = encode_reply(message)
+                estimate = max(len(part), MIN_REPLY_ESTIMATE, estimate * 15 // 16)
+                parts.append(part)
+            data = parts[0] if n == 1 else b"".join(parts)
+            conn.pending_bytes += len(data) - size
+            conn.reply_estimate = estimate
             reply.set_result(data)
         conn.wake()
 
@@ -354,6 +389,7 @@ class SocketServer:
                     ready.append(pushes.popleft())
                 while pending and (isinstance(pending[0], bytes) or pending[0].done()):
                     head = pending.popleft()
+                    conn.requests -= conn.pending_requests.popleft()
                     ready.append(head if isinstance(head, bytes) else head.result())
                 if ready:
                     data = ready[0] if len(ready) == 1 else b"".join(ready)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, overload
+from typing import Any, Final, cast, overload
 
 from sqlalchemy import Connection, Engine
 
@@ -48,10 +48,25 @@ CONFLICT_RETRIES: Final = 3
 
 
 @dataclass(slots=True)
+class _Run:
+    """Commands queued together (one client's pipelined lines of one read): one future for
+    all their outcomes, set once the last is known (a run may span two groups)."""
+
+    future: Future[list[Outcome]] | asyncio.Future[list[Outcome]]
+    loop: asyncio.AbstractEventLoop | None
+    outcomes: list[Outcome | None]
+    left: int
+
+
+@dataclass(slots=True)
 class _Command:
     request: CommandRequest
-    future: Future[Outcome] | asyncio.Future[Outcome]
-    loop: asyncio.AbstractEventLoop | None = None
+    run: _Run
+    index: int
+
+    @property
+    def future(self) -> Future[list[Outcome]] | asyncio.Future[list[Outcome]]:
+        return self.run.future
 
 
 @dataclass(slots=True)
@@ -106,24 +121,30 @@ class StoreWorker:
         self._readers.shutdown(wait=False, cancel_futures=True)
 
     @overload
-    def command(self, request: CommandRequest) -> Future[Outcome]: ...
+    def commands(self, requests: list[CommandRequest]) -> Future[list[Outcome]]: ...
 
     @overload
-    def command(
-        self, request: CommandRequest, loop: asyncio.AbstractEventLoop
-    ) -> asyncio.Future[Outcome]: ...
+    def commands(
+        self, requests: list[CommandRequest], loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[list[Outcome]]: ...
 
-    def command(
-        self, request: CommandRequest, loop: asyncio.AbstractEventLoop | None = None
-    ) -> Future[Outcome] | asyncio.Future[Outcome]:
-        """Queue a command. With ``loop`` (the event loop calling), the future is that loop's,
-        and the outcomes of a whole group are handed to it in one wake-up, not one per
-        command; without, a :class:`concurrent.futures.Future`."""
-        fut: Future[Outcome] | asyncio.Future[Outcome] = (
+    def commands(
+        self, requests: list[CommandRequest], loop: asyncio.AbstractEventLoop | None = None
+    ) -> Future[list[Outcome]] | asyncio.Future[list[Outcome]]:
+        """Queue commands, in order; one future for their outcomes, in the same order. With
+        ``loop`` (the event loop calling), the future is that loop's, and the outcomes of a
+        whole group are handed to it in one wake-up; without, a
+        :class:`concurrent.futures.Future`. One future for many commands, not one each: a
+        pipelining client's lines of one read cost the event loop one future, one deadline and
+        one callback (README, "Speed", tenth part)."""
+        fut: Future[list[Outcome]] | asyncio.Future[list[Outcome]] = (
             Future() if loop is None else loop.create_future()
         )
+        run = _Run(fut, loop, [None] * len(requests), len(requests))
         self._last_command = time.monotonic()
-        self._queue.put(_Command(request, fut, loop))
+        put = self._queue.put
+        for index, request in enumerate(requests):
+            put(_Command(request, run, index))
         return fut
 
     def read(self, fn: Callable[[Connection], Any]) -> Future[Any]:
@@ -267,18 +288,26 @@ def _relaxed_commit(conn: Connection) -> None:
 
 
 def _resolve(group: list[_Command], outcomes: list[Outcome]) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]] = {}
+    """Each command's outcome into its run; the runs now complete settled, those of an event
+    loop in one wake-up of it."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, list[Outcome]]]] = {}
     for cmd, outcome in zip(group, outcomes, strict=True):
-        if cmd.loop is None:
-            _settle(cmd.future, outcome)
+        run = cmd.run
+        run.outcomes[cmd.index] = outcome
+        run.left -= 1
+        if run.left:
+            continue
+        done = cast(list[Outcome], run.outcomes)
+        if run.loop is None:
+            _settle(run.future, done)
         else:
-            by_loop.setdefault(cmd.loop, []).append((cmd.future, outcome))
+            by_loop.setdefault(run.loop, []).append((run.future, done))
     for loop, pairs in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
             loop.call_soon_threadsafe(_set_all, pairs)
 
 
-def _set_all(pairs: list[tuple[Any, Outcome]]) -> None:
+def _set_all(pairs: list[tuple[Any, list[Outcome]]]) -> None:
     for fut, outcome in pairs:
         _settle(fut, outcome)
 

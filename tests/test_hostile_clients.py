@@ -30,7 +30,7 @@ from program_timer.scheduler.protocol import (
     MAX_LINE,
     ok_reply,
 )
-from program_timer.scheduler.server import SocketServer
+from program_timer.scheduler.server import SocketServer, per_line
 from tests.daemon_proc import DaemonProcess, running, short_tmpdir, wait_for
 
 
@@ -506,7 +506,7 @@ class _InProcessServer:
             return None
 
         self.server = SocketServer(
-            handler,
+            per_line(handler),
             path=self.path,
             mode=0o600,
             allowed_uids=None,

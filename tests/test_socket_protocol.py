@@ -159,6 +159,45 @@ def test_pipelined_replies_in_request_order(daemon: DaemonProcess) -> None:
     assert len(listed) == n - len(range(0, n, 7))
 
 
+def test_commands_read_together_are_each_answered_in_place(daemon: DaemonProcess) -> None:
+    """Lines read together go to the store worker as runs of commands (one future for a run):
+    every command still gets its own reply, in its place among pings, lines that are not
+    requests and commands that fail."""
+    lines = [
+        _cmd(0, personaId="run", timerName="a", interval="60"),
+        _cmd(1, personaId="run", timerName="b", interval="-1"),
+        b'{"op":"command","id":2,',
+        {"op": "ping", "id": 3},
+        _cmd(4, personaId="run", timerName="a", interval="120"),
+        _cmd(5, "get_timer", personaId="run", timerName="nope"),
+        b"   ",
+        _cmd(6, "get_timer", personaId="run", timerName="a"),
+        {"op": "command", "id": 7, "commandIdn": "set_timer"},
+        _cmd(8, "delete_timer", personaId="run", timerName="a"),
+    ]
+    payload = b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+    with _raw(daemon) as s:
+        s.sendall(payload)
+        replies = _lines(s, 9)
+    outcome = [(r.get("id"), r["ok"] or r["error"]["code"]) for r in replies]
+    assert outcome == [
+        (0, True),
+        (1, "invalid_argument"),
+        (None, "invalid_json"),
+        (3, True),
+        (4, True),
+        (5, "not_found"),
+        (6, True),
+        (7, "invalid_request"),
+        (8, True),
+    ]
+    assert replies[4]["result"]["timer"]["interval"] == "120"
+    assert replies[6]["result"]["timer"]["interval"] == "120"  # the command before it applied
+    assert replies[8]["result"]["removed"] is True
+
+
 def test_a_line_over_one_mib_is_too_large_and_others_unaffected(daemon: DaemonProcess) -> None:
     with _raw(daemon) as bystander, _raw(daemon) as s:
         s.sendall(b'{"op":"ping","pad":"' + b"x" * (1024 * 1024 + 10) + b'"}\n')

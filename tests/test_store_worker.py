@@ -130,11 +130,11 @@ def test_a_command_ends_the_group_and_keeps_its_place(worker: StoreWorker, engin
 
     release = _blocked(worker)
     before = worker.call(timer_seen)
-    command = worker.command(request)
+    command = worker.commands([request])
     after = worker.call(timer_seen)
     release.set()
     conn_before, seen_before = _result(before)
-    assert _result(command).error is None
+    assert [outcome.error for outcome in _result(command)] == [None]
     conn_after, seen_after = _result(after)
     assert (seen_before, seen_after) == (False, True)
     assert conn_before is not conn_after
