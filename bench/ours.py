@@ -243,16 +243,21 @@ def _pipelined(path: str, lines: list[bytes], chunk: int = 64) -> dict[str, Any]
     }
 
 
+def set_timer_lines(n: int) -> list[bytes]:
+    """``n`` request lines of ``set_timer`` for new timers due in a day, 1,000 per persona."""
+    far = iso_z(utcnow() + timedelta(days=1))
+    return [
+        encode(set_timer_message(i, f"cmd-{i // 1000:05d}", f"t{i:07d}", fire_at=far))
+        for i in range(n)
+    ]
+
+
 def run_commands(
     db: Database, workdir: Path, n: int, *, label: str, profile: Path | None = None
 ) -> dict[str, Any]:
     """One client pipelines ``n`` ``set_timer`` commands (new timers, 1,000 per persona)."""
     url = db.fresh(label)
-    far = iso_z(utcnow() + timedelta(days=1))
-    lines = [
-        encode(set_timer_message(i, f"cmd-{i // 1000:05d}", f"t{i:07d}", fire_at=far))
-        for i in range(n)
-    ]
+    lines = set_timer_lines(n)
     with Daemon(url, workdir, label) as daemon:
         daemon.start()
         if profile is not None:

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
 
 from bench import ack_batch as bench_ack_batch  # noqa: E402
 from bench import command_batch as bench_command_batch  # noqa: E402
+from bench import command_cpu as bench_command_cpu  # noqa: E402
 from bench import common as bench_common  # noqa: E402
 from bench import fire_batch as bench_fire_batch  # noqa: E402
 from bench import multi as bench_multi  # noqa: E402
@@ -202,6 +203,16 @@ def test_command_batch_sets_every_timer_of_every_group(tmp_path: Path) -> None:
             assert conn.execute(select(func.count()).select_from(timers)).scalar() == 15
     finally:
         engine.dispose()
+
+
+def test_command_cpu_counts_the_daemons_cpu_per_command(tmp_path: Path) -> None:
+    db = bench_common.Database("sqlite", tmp_path)
+    # Enough commands for some clock ticks (10 ms) of CPU in each process.
+    r = bench_command_cpu.measure(db, tmp_path, 3000, "cpu")  # raises if a command was refused
+    assert db.count("timers") == 3000
+    assert _positive(r["per_s"]) and _positive(r["daemon_us"]) and _positive(r["client_us"])
+    assert _positive(r["daemon_cores"])
+    assert r["server_us"] == 0.0  # no database server on SQLite
 
 
 def test_ack_batch_acks_every_delivery(tmp_path: Path) -> None:
