@@ -1,9 +1,9 @@
-"""Request handling: one decoded request line in, one reply out (on the event loop).
+"""Request handling: request lines in, one reply each out, in order (on the event loop).
 
-Commands go to the store worker; subscribe, ack and unsubscribe to the delivery dispatcher;
-``status`` is assembled here from what the daemon knows and one read of the database. Every
-failure becomes one error reply: ``unavailable`` when the database cannot be reached, ``internal``
-(logged with its traceback) for a bug.
+Commands go to the store worker (those read together as one run); subscribe, ack and
+unsubscribe to the delivery dispatcher; ``status`` is assembled here from what the daemon knows
+and one read of the database. Every failure becomes one error reply: ``unavailable`` when the
+database cannot be reached, ``internal`` (logged with its traceback) for a bug.
 """
 
 from __future__ import annotations
