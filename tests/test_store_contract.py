@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from program_timer.scheduler.commands import CommandSettings, apply_batch
 from program_timer.scheduler.firing import Direct, fire_batch
 from program_timer.scheduler.protocol import CommandRequest
 from program_timer.store import queries
-from program_timer.store.db import transaction
+from program_timer.store.db import make_engine, transaction, upgrade
 from program_timer.store.errors import Conflict, StoreUnavailable
 from program_timer.store.queries import driver
 from program_timer.store.schema import deliveries, events, subscriptions, timers
@@ -626,6 +627,43 @@ def test_timers_written_in_bulk_read_back_exactly(
     assert {k: dataclasses.replace(t, id=None) for k, t in found.items()} == {
         (t.persona_id, t.timer_name): t for t in written
     }
+
+
+def test_sqlite_begin_held_up_by_another_writer_is_an_outage_counted_once(
+    sqlite_url: str,
+) -> None:
+    """SQLite's ``BEGIN IMMEDIATE`` runs on the driver (no SQLAlchemy statement around it): a
+    writer lock held elsewhere past the busy timeout is still SQLAlchemy's error, counted by
+    the engine's error listener, and :class:`StoreUnavailable` to the caller; the connection
+    goes back to the pool, and the next transaction, once the lock is free, commits. Reads
+    (``BEGIN``) never wait for a writer."""
+    from program_timer.store import observe
+    from program_timer.store.db import read_transaction
+
+    engine = make_engine(sqlite_url, timeout=0.2)
+    try:
+        upgrade(engine)
+        kinds: list[str] = []
+        observe.count_errors(engine, kinds.append)
+        other = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreUnavailable, match="locked"), transaction(engine) as conn:
+                driver.execute(conn, "DELETE FROM timer_counts", ())
+            assert kinds == ["unavailable"]
+            with read_transaction(engine) as conn:
+                assert queries.timer_counts(conn) == {}
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        with transaction(engine) as conn:
+            queries.add_timer_counts(conn, {"scheduled": 2})
+        with read_transaction(engine) as conn:
+            assert queries.timer_counts(conn) == {"scheduled": 2}
+        assert kinds == ["unavailable"]
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
 
 
 def test_a_command_group_reads_its_timers_by_key_through_the_index(engine: Engine) -> None:

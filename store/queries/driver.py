@@ -25,9 +25,8 @@ import functools
 import json
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, NoReturn
 
 import orjson
 from sqlalchemy import Column, Connection, Table
@@ -184,13 +183,17 @@ def select_statement(
     dicts, booleans). ``where`` uses ``?`` for parameters (``%s`` on PostgreSQL, made so by
     :func:`fetch_many`). ``keys``: a ``WITH`` clause that names the relation ``k``, joined to
     the table by ``where`` (its parameters first): one index probe per row of ``k``."""
-    columns = tuple(c.name for c in table.c)
     dialect = conn.dialect.name
     return Statement(
-        _select_sql(dialect, table.name, columns, where, keys),
+        _select_sql(dialect, table.name, _column_names(table), where, keys),
         tuple(params),
         _readers(dialect, table),
     )
+
+
+@functools.cache
+def _column_names(table: Table) -> tuple[str, ...]:
+    return tuple(c.name for c in table.c)
 
 
 @functools.cache
@@ -259,14 +262,16 @@ _INT64_MAX: Final = 2**63 - 1
 def execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
     """One statement with ``?`` parameters (``%s`` on PostgreSQL); the rows it changed (-1
     in a :func:`pipeline`: its answer is not waited for)."""
-    params = tuple(param(conn, p) for p in params)
-    if conn.dialect.name != "sqlite":
-        sql = _postgres_marks(sql)
-        pipe = _pipe(conn)
-        if pipe is not None:
-            pipe.send(sql, params)
-            return -1
-    return _run(conn, sql, params)
+    if conn.dialect.name == "sqlite":
+        return _run(
+            conn, sql, [sqlite_datetime(p) if isinstance(p, datetime) else p for p in params]
+        )
+    sql = _postgres_marks(sql)
+    pipe = _pipe(conn)
+    if pipe is not None:
+        pipe.send(sql, tuple(params))
+        return -1
+    return _run(conn, sql, tuple(params))
 
 
 def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Sequence[Sequence[Any]]:
@@ -276,10 +281,10 @@ def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Sequence[Se
     return fetch_many(conn, [Statement(sql, tuple(params))])[0]
 
 
-@dataclass(frozen=True, slots=True)
-class Statement:
+class Statement(NamedTuple):
     """A query for :func:`fetch_many`: ``?`` parameters, and optionally what converts each of
-    its rows (:func:`_row_converter`)."""
+    its rows (:func:`_row_converter`). A named tuple: made for every query of a fire batch, a
+    frozen dataclass set each field through ``object.__setattr__``."""
 
     sql: str
     params: tuple[Any, ...] = ()
@@ -327,8 +332,12 @@ def _on_driver(conn: Connection, sql: str, params: Any, *, many: bool, rows: boo
     if not conn.in_transaction():
         result = conn.exec_driver_sql(sql, list(params) if many else tuple(params))
         return result.fetchall() if rows else result.rowcount
-    with _driver_errors(conn, sql):
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        dbapi: Any = conn.connection.dbapi_connection
+        if not many and conn.dialect.name == "sqlite":  # its cursor made and dropped in C
+            cur = dbapi.execute(sql, params)
+            return cur.fetchall() if rows else int(cur.rowcount)
+        cur = dbapi.cursor()
         try:
             if many:
                 cur.executemany(sql, params)
@@ -337,6 +346,17 @@ def _on_driver(conn: Connection, sql: str, params: Any, *, many: bool, rows: boo
             return cur.fetchall() if rows else int(cur.rowcount)
         finally:
             cur.close()
+    except conn.dialect.loaded_dbapi.Error as exc:  # _driver_errors, without a generator
+        _raise_handled(conn, exc, sql)
+
+
+def begin(conn: Connection, sql: str) -> None:
+    """``sql`` (SQLite's ``BEGIN`` or ``BEGIN IMMEDIATE``) run on the driver in the engine's
+    ``begin`` event, its errors handled as SQLAlchemy's (:func:`_driver_errors`)."""
+    try:
+        conn.connection.dbapi_connection.execute(sql)  # type: ignore[union-attr]
+    except conn.dialect.loaded_dbapi.Error as exc:
+        _raise_handled(conn, exc, sql)
 
 
 @functools.lru_cache(maxsize=1024)  # statements with a chunk's worth of marks vary in length
@@ -436,7 +456,13 @@ def _driver_errors(conn: Connection, sql: str) -> Iterator[None]:
     try:
         yield
     except conn.dialect.loaded_dbapi.Error as exc:
-        conn._handle_dbapi_exception(exc, sql, None, None, None)
+        _raise_handled(conn, exc, sql)
+
+
+def _raise_handled(conn: Connection, exc: Exception, sql: str) -> NoReturn:
+    """A driver error of ``sql`` through SQLAlchemy's handling (:func:`_driver_errors`)."""
+    conn._handle_dbapi_exception(exc, sql, None, None, None)
+    raise exc  # not reached: SQLAlchemy raises its own
 
 
 def update_rows(
