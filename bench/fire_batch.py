@@ -7,11 +7,12 @@
 At a steady rate every fire is its own batch (``scheduler/firing.py``: a timer due within a few
 milliseconds is waited for and fired alone), so the fixed cost of a batch is the floor under
 the steady rows' lateness and read latency. This runs the daemon's own :func:`fire_batch` and
-``next_due_at`` in a loop (in a pipeline on PostgreSQL, as the daemon does), one due one-shot
-timer per transaction, with one attached subscription taking direct sends, and prints the time
-per batch, commit included. No socket, no threads: the figure is the store path alone,
-steadier than the daemon's rows. With ``--size`` each batch fires that many timers (a burst's
-batches are 1,000): the time per fire is then the fire path's own cost under a burst.
+``next_due_later`` in a loop (on PostgreSQL in a pipeline from BEGIN to COMMIT, ids taken with
+the claim, as the daemon does), one due one-shot timer per transaction, with one attached
+subscription taking direct sends, and prints the time per batch, commit included. No socket,
+no threads: the figure is the store path alone, steadier than the daemon's rows. With
+``--size`` each batch fires that many timers (a burst's batches are 1,000): the time per fire
+is then the fire path's own cost under a burst.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from program_timer.core import rules
 from program_timer.core.model import Limits, SetCommand
 from program_timer.scheduler.firing import Direct, fire_batch
 from program_timer.store import queries
-from program_timer.store.db import make_engine, transaction
+from program_timer.store.db import make_engine, pipelined_transaction, transaction
 
 
 def measure(url: str, n: int, size: int = 1) -> list[float]:
@@ -68,11 +69,19 @@ def measure(url: str, n: int, size: int = 1) -> list[float]:
         times = []
         for _ in range(n):
             started = time.perf_counter()
-            with transaction(engine) as conn, queries.pipeline(conn):
+            with pipelined_transaction(engine) as conn:
                 result = fire_batch(
-                    conn, datetime.now(UTC), size, "bench", None, Direct({"bench": size}, now)
+                    conn,
+                    datetime.now(UTC),
+                    size,
+                    "bench",
+                    None,
+                    Direct({"bench": size}, now),
+                    reserve=(size, size),  # what the fire loop takes after such a batch
                 )
-                queries.next_due_at(conn)
+                next_due = queries.next_due_later(conn)
+                queries.commit_in_pipeline(conn)
+            next_due()
             times.append(time.perf_counter() - started)
             if result.fired != size or len(result.sends) != size:
                 raise RuntimeError(f"a batch fired {result.fired}, sent {len(result.sends)}")

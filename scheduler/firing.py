@@ -30,7 +30,7 @@ from program_timer.core.routing import Router
 from program_timer.events.direct import DirectSends, Send
 from program_timer.scheduler.metrics import Metrics
 from program_timer.store import queries
-from program_timer.store.db import transaction
+from program_timer.store.db import pipelined_transaction
 from program_timer.store.errors import Conflict, StoreError, StoreUnavailable
 from program_timer.store.notify import DELIVERIES, notify
 
@@ -73,10 +73,13 @@ def fire_batch(
     misfire_grace: float | None,
     direct: Direct | None = None,
     counts_lane: int = 0,
+    reserve: tuple[int, int] = (0, 0),
 ) -> BatchResult:
     """Fire up to ``limit`` timers due at ``now`` inside the caller's transaction;
-    ``counts_lane``: :func:`~program_timer.store.queries.add_timer_counts`."""
-    due, subscriptions = queries.claim_due(conn, now, limit)
+    ``counts_lane``: :func:`~program_timer.store.queries.add_timer_counts`; ``reserve``: ids
+    for about this many events and deliveries taken with the claim
+    (:func:`~program_timer.store.queries.reserve_ids`)."""
+    due, subscriptions, ids = queries.claim_due(conn, now, limit, reserve)
     result = BatchResult(claimed=len(due), limit=limit)
     if not due:
         return result
@@ -113,7 +116,7 @@ def fire_batch(
     queries.update_fired(conn, timer_updates)
     queries.add_timer_counts(conn, changes, counts_lane)
     if event_rows:
-        _record_events(conn, event_rows, routes, now, direct, result)
+        _record_events(conn, event_rows, routes, now, direct, result, ids)
         result.unrouted = sum(1 for subs in routes if not subs)
     result.fired = len(event_rows)
     return result
@@ -163,6 +166,7 @@ def _record_events(
     now: datetime,
     direct: Direct | None,
     result: BatchResult,
+    ids: queries.Ids,
 ) -> None:
     """Insert the events and one delivery per (event, matching subscription): written as sent
     for subscriptions this batch sends to itself, waiting for the pump otherwise. Ids come
@@ -177,7 +181,7 @@ def _record_events(
             else:
                 result.waiting.add(sub)
             routed.append((row, sub, sent))
-    event_ids, delivery_ids = queries.allocate_ids(conn, len(event_rows), len(routed))
+    event_ids, delivery_ids = queries.allocate_ids(conn, len(event_rows), len(routed), ids)
     for row, event_id in zip(event_rows, event_ids, strict=True):
         row["id"] = event_id
     queries.insert_events(conn, event_rows)
@@ -252,6 +256,7 @@ class FireLoop:
         )
         self._pending: Future[None] | None = None
         self._lane = 0
+        self._used = (0, 0)  # events and deliveries of the last batch: the next one's reserve
 
     def stop(self) -> None:
         """No new batch starts; a pass waiting to retry returns at once."""
@@ -328,20 +333,29 @@ class FireLoop:
             direct = Direct(quota, now + timedelta(seconds=self._ack_timeout))
         try:
             with contextlib.ExitStack() as stack:
-                conn = stack.enter_context(transaction(self._engine))
-                stack.enter_context(queries.pipeline(conn))
+                conn = stack.enter_context(pipelined_transaction(self._engine))
                 # Two batches at once (the one before committing) count on two lanes.
                 self._lane ^= 1
                 result = fire_batch(
-                    conn, now, limit, self._daemon_id, self._misfire_grace, direct, self._lane
+                    conn,
+                    now,
+                    limit,
+                    self._daemon_id,
+                    self._misfire_grace,
+                    direct,
+                    self._lane,
+                    self._reserve(limit),
                 )
+                self._used = (result.fired, result.deliveries)
                 if result.deliveries > len(result.sends):
                     notify(conn, DELIVERIES, self._daemon_id)
                 full = result.claimed >= limit
                 # The batch before commits first (its error rolls this one back): fire order;
-                # and the next due time is read once its timers have moved on.
+                # and the next due time is read once its timers have moved on. On PostgreSQL
+                # that query and the COMMIT go with the pipeline's end: one round trip.
                 self._settle_pending()
-                next_due = None if full else queries.next_due_at(conn)
+                next_due = None if full else queries.next_due_later(conn)
+                queries.commit_in_pipeline(conn)
                 if full and self._overlap and not sharing and not self._lags(result):
                     used = self._direct.unused(result.sends, taken) if self._direct else {}
                     taken = {}
@@ -358,7 +372,17 @@ class FireLoop:
             if result.waiting:  # those attached here lag: no direct send overtakes them
                 self._direct.waiting(result.waiting)
             self._direct.deliver(result.sends, taken)  # committed: push them now
-        return result, next_due
+        return result, None if next_due is None else next_due()
+
+    def _reserve(self, limit: int) -> tuple[int, int]:
+        """Ids to take with the next claim: one event more than the last batch fired (at a
+        steady rate batches of one and two fires alternate), at most ``limit``, and as many
+        deliveries per event as the last batch made at most. A batch that needs more takes
+        them in a round trip of its own, as every batch did before."""
+        fired, deliveries = self._used
+        events = min(limit, fired + 1)
+        per_event = -(-deliveries // fired) if fired else 1
+        return events, events * per_event
 
     def _lags(self, result: BatchResult) -> bool:
         """Whether the batch left deliveries waiting for a subscription attached here: it then

@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from program_timer.core.logs import get_logger
 from program_timer.store import postgres, sqlite
 from program_timer.store.errors import Conflict, StoreError, StoreUnavailable
+from program_timer.store.queries import driver
 
 MIGRATIONS = str(Path(__file__).parent / "migrations")
 
@@ -123,6 +124,29 @@ def transaction(engine: Engine) -> Iterator[Connection]:
         engine.begin() as conn,
     ):
         yield conn
+
+
+@contextlib.contextmanager
+def pipelined_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction whose statements all run in :func:`~.queries.driver.pipeline` (the fire
+    batch's). On PostgreSQL its BEGIN is sent in the pipeline, with the first query, instead
+    of in a round trip of its own (psycopg syncs after the BEGIN it sends itself), and the
+    block is expected to end with :func:`~.queries.driver.commit_in_pipeline`, so that the
+    COMMIT goes with the pipeline's last sync: a transaction of two queries is then two round
+    trips. For that, psycopg's connection is put in autocommit mode for the block (SQLAlchemy's
+    ``AUTOCOMMIT`` isolation level, which it resets when the connection goes back to the pool)
+    and the transaction is ours: BEGIN and COMMIT sent in the pipeline, or ROLLBACK by
+    SQLAlchemy on an error (psycopg sends it whenever a transaction is open, autocommit or
+    not). A block that does not commit is committed at its end, a round trip later.
+    Elsewhere: :func:`transaction`."""
+    if engine.dialect.name != "postgresql":
+        with transaction(engine) as conn:
+            yield conn
+        return
+    with _reported(engine, write=True), translate_errors(), engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        with conn.begin(), driver.pipeline(conn, begin=True):
+            yield conn
 
 
 @contextlib.contextmanager

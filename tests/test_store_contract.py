@@ -24,7 +24,7 @@ from program_timer.scheduler.commands import CommandSettings, apply_batch
 from program_timer.scheduler.firing import Direct, fire_batch
 from program_timer.scheduler.protocol import CommandRequest
 from program_timer.store import queries
-from program_timer.store.db import make_engine, transaction, upgrade
+from program_timer.store.db import make_engine, pipelined_transaction, transaction, upgrade
 from program_timer.store.errors import Conflict, StoreUnavailable
 from program_timer.store.queries import driver
 from program_timer.store.schema import deliveries, events, subscriptions, timers
@@ -54,11 +54,18 @@ def run(
 
 
 def fire(
-    engine: Engine, clock: FakeClock, grace: float | None = None, direct: Direct | None = None
+    engine: Engine,
+    clock: FakeClock,
+    grace: float | None = None,
+    direct: Direct | None = None,
+    reserve: tuple[int, int] = (0, 0),
 ) -> Any:
-    """One fire batch as the daemon runs it: in a pipeline on PostgreSQL."""
-    with transaction(engine) as conn, queries.pipeline(conn):
-        return fire_batch(conn, clock.now(), 1000, "test", grace, direct)
+    """One fire batch as the daemon runs it: in a pipeline on PostgreSQL, from its BEGIN to
+    its COMMIT."""
+    with pipelined_transaction(engine) as conn:
+        result = fire_batch(conn, clock.now(), 1000, "test", grace, direct, reserve=reserve)
+        queries.commit_in_pipeline(conn)
+    return result
 
 
 def event_rows(engine: Engine, name: str | None = None) -> list[Any]:
@@ -497,15 +504,23 @@ def _due_with_two_subscriptions(engine: Engine, n: int) -> FakeClock:
     return clock
 
 
-@pytest.mark.parametrize("n", [3, driver.PIPELINE_ROWS * 3])
-def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engine, n: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "reserve"),
+    [(3, (0, 0)), (3, (1, 2)), (3, (30, 30)), (driver.PIPELINE_ROWS * 3, (0, 0))],
+)
+def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(
+    engine: Engine, n: int, reserve: tuple[int, int]
+) -> None:
     """Small batches insert row by row on PostgreSQL, larger ones the events and deliveries
     from one JSON parameter each (one pipeline either way): every event is written with one
     delivery per subscription, those the batch sends itself marked sent (and pushed by their
-    ids), the rest waiting for the pump, each delivery naming its event, ids in event order."""
+    ids), the rest waiting for the pump, each delivery naming its event, ids in event order.
+    Ids taken with the claim (``reserve``) are used first, whether they fall short or over."""
     clock = _due_with_two_subscriptions(engine, n)
     window = n // 2
-    result = fire(engine, clock, direct=Direct({"a": window}, T0 + timedelta(seconds=40)))
+    result = fire(
+        engine, clock, direct=Direct({"a": window}, T0 + timedelta(seconds=40)), reserve=reserve
+    )
     assert result.fired == n and result.deliveries == 2 * n
     assert [s.subscription_id for s in result.sends] == ["a"] * window
     assert result.waiting == {"a", "b"}
@@ -522,6 +537,35 @@ def test_a_batch_records_events_and_its_sent_and_waiting_deliveries(engine: Engi
         else:
             assert d.attempt == 0 and d.next_attempt_at == clock.now()
     assert [d.event_id for d in rows if d.subscription_id == "a"] == sorted(evs)
+
+
+@pytest.mark.parametrize("failure", ["raised", "statement"])
+def test_a_fire_transaction_in_a_pipeline_keeps_nothing_when_it_fails(
+    engine: Engine, failure: str
+) -> None:
+    """The fire batch's transaction sends its own BEGIN and COMMIT in the pipeline (its
+    connection in autocommit mode on PostgreSQL): a batch that fails after its claim, in the
+    daemon's code or in a statement (whose error comes back with the COMMIT), leaves every
+    timer as it was and no event, and its connection goes back to the pool out of autocommit
+    mode, with no transaction open."""
+    clock = _due_with_two_subscriptions(engine, 3)
+    expected = RuntimeError if failure == "raised" else Conflict
+    with pytest.raises(expected), pipelined_transaction(engine) as conn:
+        raw: Any = conn.connection.dbapi_connection
+        result = fire_batch(conn, clock.now(), 1000, "test", None, reserve=(3, 6))
+        assert result.fired == 3
+        if failure == "raised":
+            raise RuntimeError("crash before commit")
+        queries.insert_events(conn, [_event_row(40, T0), _event_row(40, T0)])
+        queries.commit_in_pipeline(conn)
+    assert event_rows(engine) == []
+    with engine.connect() as conn:
+        assert {queries.timer_from_row(r).state for r in conn.execute(select(timers))} == {
+            "scheduled"
+        }
+    if engine.dialect.name == "postgresql":
+        assert raw.autocommit is False and raw.info.transaction_status == 0  # IDLE
+    assert fire(engine, clock).fired == 3
 
 
 @pytest.mark.parametrize("read_after", [True, False])

@@ -17,6 +17,9 @@ from program_timer.store.queries.command_acts import (
     save_command_acts as save_command_acts,
 )
 from program_timer.store.queries.deliveries import (
+    Ids as Ids,
+)
+from program_timer.store.queries.deliveries import (
     ack_deliveries as ack_deliveries,
 )
 from program_timer.store.queries.deliveries import (
@@ -53,7 +56,13 @@ from program_timer.store.queries.deliveries import (
     resend_delay as resend_delay,
 )
 from program_timer.store.queries.deliveries import (
+    reserve_ids as reserve_ids,
+)
+from program_timer.store.queries.deliveries import (
     subscription_ids as subscription_ids,
+)
+from program_timer.store.queries.driver import (
+    commit_in_pipeline as commit_in_pipeline,
 )
 from program_timer.store.queries.driver import (
     pipeline as pipeline,
@@ -147,6 +156,9 @@ from program_timer.store.queries.timers import (
 )
 from program_timer.store.queries.timers import (
     next_due_at as next_due_at,
+)
+from program_timer.store.queries.timers import (
+    next_due_later as next_due_later,
 )
 from program_timer.store.queries.timers import (
     purge_fired_timers as purge_fired_timers,

@@ -20,16 +20,45 @@ from program_timer.store.queries.batches import chunks
 from program_timer.store.schema import deliveries, events, subscriptions
 
 
-def allocate_ids(conn: Connection, events_n: int, deliveries_n: int) -> tuple[list[int], list[int]]:
+class Ids(NamedTuple):
+    """Ids taken ahead (:func:`reserve_ids`)."""
+
+    events: Sequence[int] = ()
+    deliveries: Sequence[int] = ()
+
+
+NONE_RESERVED: Final = Ids()
+
+
+def reserve_ids(events_n: int, deliveries_n: int) -> driver.Statement:
+    """PostgreSQL: the query that takes ids for about this many events and deliveries from the
+    sequences (its one row: :class:`Ids`), sent in the fire batch's first round trip right after
+    its claim, so that the batch's writes wait for no answer of their own. Taken after the
+    claim, like :func:`allocate_ids`: a later fire of the same timer is claimed only once this
+    one has committed, so its ids are larger (fire order). Ids left unused are skipped: a
+    sequence has gaps anyway."""
+    return driver.Statement(_NEXT_IDS, (events_n, deliveries_n))
+
+
+def allocate_ids(
+    conn: Connection, events_n: int, deliveries_n: int, reserved: Ids = NONE_RESERVED
+) -> tuple[list[int], list[int]]:
     """Ids for ``events_n`` new events and ``deliveries_n`` new deliveries, in one query, so
     that they are inserted without ``RETURNING`` (and a delivery's row names its event's id).
-    PostgreSQL: from the tables' sequences. SQLite: the transaction holds the database's write
-    lock (``BEGIN IMMEDIATE``), so the ids after the current maxima are ours; a delivery's after
-    the largest the table ever held (``sqlite_sequence``: migration 0005), so that an id is
-    never given again once its delivery is deleted (a late ack naming it would ack another)."""
+    PostgreSQL: from the tables' sequences, the ``reserved`` ones first (the query runs only
+    for what they lack). SQLite: the transaction holds the database's write lock (``BEGIN
+    IMMEDIATE``), so the ids after the current maxima are ours; a delivery's after the largest
+    the table ever held (``sqlite_sequence``: migration 0005), so that an id is never given
+    again once its delivery is deleted (a late ack naming it would ack another)."""
     if conn.dialect.name == "postgresql":
-        ((event_ids, delivery_ids),) = driver.fetch(conn, _NEXT_IDS, (events_n, deliveries_n))
-        return list(event_ids), list(delivery_ids)
+        event_ids = list(reserved.events[:events_n])
+        delivery_ids = list(reserved.deliveries[:deliveries_n])
+        more = (events_n - len(event_ids), deliveries_n - len(delivery_ids))
+        if more != (0, 0):
+            ((more_events, more_deliveries),) = driver.fetch(conn, _NEXT_IDS, more)
+            event_ids += more_events
+            delivery_ids += more_deliveries
+        return event_ids, delivery_ids
     ((top_event, top_delivery),) = driver.fetch(conn, _MAX_IDS)
     return (
         list(range(top_event + 1, top_event + 1 + events_n)),

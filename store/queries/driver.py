@@ -311,6 +311,34 @@ def fetch_many(conn: Connection, statements: Sequence[Statement]) -> list[list[t
     return [st.convert(rows()) for st, rows in zip(statements, pending, strict=True)]
 
 
+def fetch_later(
+    conn: Connection, sql: str, params: Sequence[Any] = ()
+) -> Callable[[], list[tuple[Any, ...]]]:
+    """A query whose rows are read later: in a :func:`pipeline` it is sent now and answered
+    with whatever waits for an answer next (at the latest the pipeline's end), so that it adds
+    no round trip of its own; the function returned reads its rows, once that has happened.
+    Elsewhere it runs now."""
+    pipe = _pipe(conn) if conn.dialect.name != "sqlite" else None
+    if pipe is None:
+        result = fetch(conn, sql, params)
+        return lambda: [tuple(row) for row in result]
+    rows = pipe.query(_postgres_marks(sql), tuple(params))
+    return lambda: [tuple(row) for row in rows()]
+
+
+def commit_in_pipeline(conn: Connection) -> None:
+    """PostgreSQL, in a :func:`pipeline`: COMMIT is sent now, behind everything sent before it,
+    and answered with the pipeline's end, whose sync is then the transaction's last round trip
+    (it was two: the sync, then SQLAlchemy's commit). Nothing may be sent after it. An error of
+    any statement before it comes out of the pipeline's end as it would have (a failed
+    statement aborts the pipeline: the COMMIT is not run); SQLAlchemy's commit at the
+    transaction's end then finds the driver's connection idle and sends nothing. Elsewhere it
+    does nothing: the transaction's end commits."""
+    pipe = _pipe(conn) if conn.dialect.name != "sqlite" else None
+    if pipe is not None:
+        pipe.send("COMMIT", ())
+
+
 def _run(conn: Connection, sql: str, params: Any, *, many: bool = False) -> int:
     """A statement (``executemany`` with ``many``); the rows it changed."""
     count: int = _on_driver(conn, sql, params, many=many, rows=False)
@@ -504,9 +532,11 @@ class _Pipeline:
         self._raw: Any = conn.connection.dbapi_connection
         self._mode: Any = None
 
-    def enter(self) -> None:
+    def enter(self, begin: bool) -> None:
         self._mode = self._raw.pipeline()
         self._mode.__enter__()
+        if begin:
+            self.send("BEGIN", ())
 
     def leave(self) -> None:
         """Out of pipeline mode: everything sent is synced (its errors raised here)."""
@@ -555,14 +585,15 @@ def _pipe(conn: Connection) -> _Pipeline | None:
 
 
 @contextlib.contextmanager
-def pipeline(conn: Connection) -> Iterator[None]:
+def pipeline(conn: Connection, *, begin: bool = False) -> Iterator[None]:
     """PostgreSQL: the statements this module runs in the block (``execute``, ``fetch``,
     ``fetch_many``, ``insert_rows``, ``update_rows``) are sent without waiting
     for their answers; reading a query's rows waits for everything sent before it, in one
     round trip, and the block's end for the rest. Errors come out wrapped as a statement's
     would, at the latest at the block's end. A statement run through SQLAlchemy itself in the
-    block would not see its rows: the fire batch runs all of its statements here. SQLite:
-    nothing changes (it has no round trips)."""
+    block would not see its rows: the fire batch runs all of its statements here. With
+    ``begin``, BEGIN is sent first (:func:`~program_timer.store.db.pipelined_transaction`,
+    whose connection is in autocommit mode). SQLite: nothing changes (it has no round trips)."""
     if conn.dialect.name != "postgresql" or _PIPE in conn.info:
         yield
         return
@@ -570,7 +601,7 @@ def pipeline(conn: Connection) -> Iterator[None]:
     info = conn.info  # kept: an invalidated connection has no info until rolled back
     info[_PIPE] = pipe
     try:
-        pipe.enter()
+        pipe.enter(begin)
         yield
         pipe.leave()
     except BaseException:

@@ -8,7 +8,7 @@ import itertools
 import operator
 import random
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -18,6 +18,7 @@ from program_timer.core.model import FIRED, Timer
 from program_timer.store.queries import driver
 from program_timer.store.queries.batches import chunks
 from program_timer.store.queries.command_acts import acts_from_rows, acts_statements
+from program_timer.store.queries.deliveries import Ids, reserve_ids
 from program_timer.store.queries.subscriptions import (
     SUBSCRIPTION_FILTERS,
     SubscriptionFilter,
@@ -160,18 +161,32 @@ def list_timers(conn: Connection, persona_id: str, after: str | None, limit: int
 
 
 def next_due_at(conn: Connection) -> datetime | None:
-    """When the earliest timer is due (after every fire batch: plain SQL)."""
-    rows = driver.fetch(
-        conn, "SELECT due_at FROM timers WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1"
-    )
+    """When the earliest timer is due (plain SQL)."""
+    rows = driver.fetch(conn, _NEXT_DUE)
     return driver.read_datetime(conn, rows[0][0]) if rows else None
 
 
+def next_due_later(conn: Connection) -> Callable[[], datetime | None]:
+    """:func:`next_due_at`, read after the fire batch's pipeline has ended: the query travels
+    with the batch's last round trip (:func:`~.driver.fetch_later`)."""
+    rows = driver.fetch_later(conn, _NEXT_DUE)
+    return lambda: _first_due(conn, rows())
+
+
+def _first_due(conn: Connection, rows: Sequence[Sequence[Any]]) -> datetime | None:
+    return driver.read_datetime(conn, rows[0][0]) if rows else None
+
+
+_NEXT_DUE: Final = "SELECT due_at FROM timers WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+
+
 def claim_due(
-    conn: Connection, now: datetime, limit: int
-) -> tuple[list[Timer], list[SubscriptionFilter]]:
-    """Lock and return up to ``limit`` due timers, oldest first, and every subscription's filter
-    (what the batch routes its events by): both queries in one round trip in a pipeline.
+    conn: Connection, now: datetime, limit: int, reserve: tuple[int, int] = (0, 0)
+) -> tuple[list[Timer], list[SubscriptionFilter], Ids]:
+    """Lock and return up to ``limit`` due timers, oldest first, every subscription's filter
+    (what the batch routes its events by), and on PostgreSQL ids for about ``reserve`` events
+    and deliveries (:func:`~.deliveries.reserve_ids`): the queries in one round trip in a
+    pipeline.
 
     On PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED``: timers another daemon is firing
     are skipped, and the lock lasts until this transaction ends (commit, rollback, or the
@@ -184,8 +199,15 @@ def claim_due(
         f"due_at <= ? ORDER BY due_at LIMIT ?{lock}",
         (driver.param(conn, now), limit),
     )
-    due, subs = driver.fetch_many(conn, [claim, SUBSCRIPTION_FILTERS])
-    return [_timer_from_values(r) for r in due], subscription_filters(subs)
+    if lock and reserve != (0, 0):
+        due, subs, ((event_ids, delivery_ids),) = driver.fetch_many(
+            conn, [claim, SUBSCRIPTION_FILTERS, reserve_ids(*reserve)]
+        )
+        ids = Ids(event_ids, delivery_ids)
+    else:
+        due, subs = driver.fetch_many(conn, [claim, SUBSCRIPTION_FILTERS])
+        ids = Ids()
+    return [_timer_from_values(r) for r in due], subscription_filters(subs), ids
 
 
 _FIRED_COLUMNS: Final = ("planned_at", "due_at", "state", "fire_count", "last_fired_at")
