@@ -25,12 +25,13 @@ import orjson
 from bench.common import one_database_args, scratch_database, set_timer_message
 from program_timer.scheduler.commands import CommandSettings, apply_batch
 from program_timer.scheduler.protocol import CommandRequest, decode_line, encode, ok_reply
-from program_timer.store.db import make_engine, transaction
+from program_timer.store import queries
+from program_timer.store.db import make_engine, pipelined_transaction, read_modify_write
 
 
 def measure(url: str, n: int, size: int = 256) -> list[tuple[float, float]]:
     """(seconds, CPU seconds) of each of ``n`` groups of ``size`` new ``set_timer``."""
-    engine = make_engine(url)
+    engine = read_modify_write(make_engine(url))
     far = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     settings = CommandSettings()
     lines = [
@@ -43,8 +44,9 @@ def measure(url: str, n: int, size: int = 256) -> list[tuple[float, float]]:
             started, cpu = time.perf_counter(), time.thread_time()
             requests = [decode_line(line) for line in lines[b * size : (b + 1) * size]]
             commands = [r for _, r in requests if isinstance(r, CommandRequest)]
-            with transaction(engine) as conn:
+            with pipelined_transaction(engine) as conn:  # as the store worker runs a group
                 outcomes = apply_batch(conn, commands, settings, datetime.now(UTC))
+                queries.commit_in_pipeline(conn)
             for (rid, _), outcome in zip(requests, outcomes, strict=True):
                 if outcome.result is None:
                     raise RuntimeError(f"a command was refused: {outcome.error}")

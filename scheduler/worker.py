@@ -39,7 +39,14 @@ from program_timer.scheduler.commands import (
     apply_batch,
 )
 from program_timer.scheduler.protocol import CommandRequest, ProtocolError
-from program_timer.store.db import health, read_modify_write, read_transaction, transaction
+from program_timer.store import queries
+from program_timer.store.db import (
+    health,
+    pipelined_transaction,
+    read_modify_write,
+    read_transaction,
+    transaction,
+)
 from program_timer.store.errors import Conflict, StoreUnavailable
 
 log = get_logger()
@@ -238,11 +245,14 @@ class StoreWorker:
         read_only = all(
             r.commandIdn in READ_ONLY_COMMANDS and r.commandActId is None for r in requests
         )
-        begin = read_transaction if read_only else transaction
+        # A group that writes runs in one pipeline on PostgreSQL, BEGIN to COMMIT: its reads
+        # are one round trip, its writes and the COMMIT another.
+        begin = read_transaction if read_only else pipelined_transaction
         for attempt in range(CONFLICT_RETRIES):
             try:
                 with begin(self._command_engine) as conn:
                     outcomes = apply_batch(conn, requests, self._settings, self._clock.now())
+                    queries.commit_in_pipeline(conn)
                 break
             except Conflict:
                 if attempt == CONFLICT_RETRIES - 1:

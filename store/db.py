@@ -137,15 +137,19 @@ def pipelined_transaction(engine: Engine) -> Iterator[Connection]:
     ``AUTOCOMMIT`` isolation level, which it resets when the connection goes back to the pool)
     and the transaction is ours: BEGIN and COMMIT sent in the pipeline, or ROLLBACK by
     SQLAlchemy on an error (psycopg sends it whenever a transaction is open, autocommit or
-    not). A block that does not commit is committed at its end, a round trip later.
-    Elsewhere: :func:`transaction`."""
+    not). A block that does not commit is committed at its end, a round trip later. The
+    engine's isolation level (:func:`read_modify_write`) goes into the BEGIN. A statement run
+    through SQLAlchemy in the block ends the pipeline first (the engine's listener,
+    :func:`~.queries.driver.suspend_pipeline`). Elsewhere: :func:`transaction`."""
     if engine.dialect.name != "postgresql":
         with transaction(engine) as conn:
             yield conn
         return
+    level = engine.get_execution_options().get("isolation_level")
+    begin = "BEGIN" if level is None else f"BEGIN ISOLATION LEVEL {level}"
     with _reported(engine, write=True), translate_errors(), engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT")
-        with conn.begin(), driver.pipeline(conn, begin=True):
+        with conn.begin(), driver.pipeline(conn, begin=begin):
             yield conn
 
 

@@ -71,6 +71,10 @@ def engine(parsed: URL, *, pool_size: int, name: str, timeout: float) -> Engine:
             # retries the checkout (connecting anew: a server still down fails that).
             raise sa_exc.InvalidatePoolError(f"pooled connection lost: {exc}") from exc
 
+    @event.listens_for(eng, "before_cursor_execute")
+    def _leave_pipeline(conn: Any, *_: Any) -> None:
+        driver.suspend_pipeline(conn)
+
     return eng
 
 

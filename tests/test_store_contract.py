@@ -24,7 +24,13 @@ from program_timer.scheduler.commands import CommandSettings, apply_batch
 from program_timer.scheduler.firing import Direct, fire_batch
 from program_timer.scheduler.protocol import CommandRequest
 from program_timer.store import queries
-from program_timer.store.db import make_engine, pipelined_transaction, transaction, upgrade
+from program_timer.store.db import (
+    make_engine,
+    pipelined_transaction,
+    read_modify_write,
+    transaction,
+    upgrade,
+)
 from program_timer.store.errors import Conflict, StoreUnavailable
 from program_timer.store.queries import driver
 from program_timer.store.schema import deliveries, events, subscriptions, timers
@@ -49,8 +55,12 @@ def run(
     *requests: CommandRequest,
     settings: CommandSettings | None = None,
 ) -> list[Any]:
-    with transaction(engine) as conn:
-        return apply_batch(conn, list(requests), settings or CommandSettings(), clock.now())
+    """One command group as the store worker runs it: at REPEATABLE READ on PostgreSQL, in a
+    pipeline from its BEGIN to its COMMIT."""
+    with pipelined_transaction(read_modify_write(engine)) as conn:
+        outcomes = apply_batch(conn, list(requests), settings or CommandSettings(), clock.now())
+        queries.commit_in_pipeline(conn)
+    return outcomes
 
 
 def fire(
@@ -568,20 +578,65 @@ def test_a_fire_transaction_in_a_pipeline_keeps_nothing_when_it_fails(
     assert fire(engine, clock).fired == 3
 
 
-@pytest.mark.parametrize("read_after", [True, False])
+def test_a_command_group_in_a_pipeline_that_runs_a_sqlalchemy_statement(engine: Engine) -> None:
+    """A command group runs in one pipeline on PostgreSQL; ``list_timers`` and
+    ``delete_timers`` are SQLAlchemy statements, which end the pipeline first: what the group
+    wrote before them is there for them to read, and what it writes after them is kept too."""
+    clock = FakeClock(T0)
+    out = run(
+        engine,
+        clock,
+        req(personaId="p", timerName="a", interval="60"),
+        req("list_timers", personaId="p"),
+        req(personaId="p", timerName="b", interval="60"),
+        req("delete_timers", personaId="q"),
+        req(personaId="p", timerName="c", interval="60"),
+        req("get_timer", personaId="p", timerName="b"),
+    )
+    assert [t["timerName"] for t in out[1].result["timers"]] == ["a"]
+    assert out[5].result["timer"]["timerName"] == "b"
+    with engine.connect() as conn:
+        assert [t.timer_name for t in queries.list_timers(conn, "p", None, 10)] == ["a", "b", "c"]
+
+
+@pytest.mark.postgres
+def test_a_command_group_that_read_a_timer_a_fire_then_changed_conflicts(
+    pg_engine: Engine,
+) -> None:
+    """A command group's transaction (BEGIN sent by us in the pipeline) is at REPEATABLE
+    READ: writing back a timer that a fire changed after the group read it is a Conflict (the
+    worker runs the group again on fresh rows), not the stale copy overwriting the fire."""
+    clock = FakeClock(T0)
+    run(pg_engine, clock, req(personaId="p", timerName="t", interval="10"))
+    clock.advance(10)
+    with pytest.raises(Conflict), pipelined_transaction(read_modify_write(pg_engine)) as conn:
+        ((level,),) = driver.fetch(conn, "SELECT current_setting('transaction_isolation')")
+        assert level == "repeatable read"
+        found, _, _ = queries.load_working_set(conn, [("p", "t")], [], [])
+        assert fire(pg_engine, clock).fired == 1  # another transaction, committed
+        queries.update_timers(conn, [found[("p", "t")]])  # the copy read before the fire
+        queries.commit_in_pipeline(conn)
+    with pg_engine.connect() as conn:
+        assert queries.get_timer(conn, "p", "t").fire_count == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("read_after", ["driver", "sqlalchemy", None])
 def test_an_error_inside_a_pipeline_is_a_store_error_and_nothing_is_kept(
-    engine: Engine, read_after: bool
+    engine: Engine, read_after: str | None
 ) -> None:
     """In a pipeline a statement's error comes back later than the statement: at the next
-    read, or at the block's end. Either way it reaches the error policy as any other (a
-    duplicate is a Conflict), and the whole transaction is rolled back."""
+    read (the driver's, or SQLAlchemy's, which ends the pipeline first), or at the block's
+    end. Either way it reaches the error policy as any other (a duplicate is a Conflict), and
+    the whole transaction is rolled back."""
     with transaction(engine) as conn:
         queries.insert_events(conn, [_event_row(20, T0)])
     with pytest.raises(Conflict), transaction(engine) as conn, queries.pipeline(conn):
         queries.insert_events(conn, [_event_row(21, T0)])
         queries.insert_events(conn, [_event_row(20, T0)])  # a duplicate id
-        if read_after:
+        if read_after == "driver":
             queries.next_due_at(conn)
+        elif read_after == "sqlalchemy":
+            queries.get_timer(conn, "p", "t")
     with engine.connect() as conn:
         assert conn.execute(select(events.c.id)).scalars().all() == [20]
 

@@ -532,11 +532,11 @@ class _Pipeline:
         self._raw: Any = conn.connection.dbapi_connection
         self._mode: Any = None
 
-    def enter(self, begin: bool) -> None:
+    def enter(self, begin: str | None) -> None:
         self._mode = self._raw.pipeline()
         self._mode.__enter__()
-        if begin:
-            self.send("BEGIN", ())
+        if begin is not None:
+            self.send(begin, ())
 
     def leave(self) -> None:
         """Out of pipeline mode: everything sent is synced (its errors raised here)."""
@@ -584,16 +584,28 @@ def _pipe(conn: Connection) -> _Pipeline | None:
     return pipe if pipe is not None and pipe.active else None
 
 
+def suspend_pipeline(conn: Connection) -> None:
+    """Leave the connection's pipeline, if it is in one, for good (what was sent is synced, its
+    errors raised here): a statement SQLAlchemy runs itself must not be sent in pipeline mode
+    (its rows are not there when SQLAlchemy reads them). The engine's
+    ``before_cursor_execute`` listener calls this (:mod:`program_timer.store.postgres`); the
+    rest of the block runs its statements one round trip each, and
+    :func:`commit_in_pipeline` leaves the COMMIT to SQLAlchemy."""
+    pipe: _Pipeline | None = conn.info.get(_PIPE)
+    if pipe is not None:
+        pipe.leave()
+
+
 @contextlib.contextmanager
-def pipeline(conn: Connection, *, begin: bool = False) -> Iterator[None]:
+def pipeline(conn: Connection, *, begin: str | None = None) -> Iterator[None]:
     """PostgreSQL: the statements this module runs in the block (``execute``, ``fetch``,
     ``fetch_many``, ``insert_rows``, ``update_rows``) are sent without waiting
     for their answers; reading a query's rows waits for everything sent before it, in one
     round trip, and the block's end for the rest. Errors come out wrapped as a statement's
     would, at the latest at the block's end. A statement run through SQLAlchemy itself in the
-    block would not see its rows: the fire batch runs all of its statements here. With
-    ``begin``, BEGIN is sent first (:func:`~program_timer.store.db.pipelined_transaction`,
-    whose connection is in autocommit mode). SQLite: nothing changes (it has no round trips)."""
+    block would leave it first (:func:`suspend_pipeline`). With ``begin`` (a BEGIN statement),
+    that is sent first (:func:`~program_timer.store.db.pipelined_transaction`, whose connection
+    is in autocommit mode). SQLite: nothing changes (it has no round trips)."""
     if conn.dialect.name != "postgresql" or _PIPE in conn.info:
         yield
         return
