@@ -10,8 +10,9 @@ sent), then acks them ``--size`` ids at a time with the daemon's own ``ack_deliv
 transaction each, and prints per acked delivery: the time of the whole transaction, the time of
 the ack statement alone, and the CPU time of this process (what is left of the time is the
 database's: PostgreSQL's server, or SQLite's writing outside the GIL counted in both). No socket,
-no threads: the daemon commits acks without waiting for the disk, and this commits them as
-any transaction (the commit is in the first figure only).
+no threads; each transaction runs as the daemon's store worker runs an ack (on PostgreSQL in
+one pipeline from its BEGIN to its COMMIT, committed without waiting for the disk), the commit
+in the first figure only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from bench.common import one_database_args, scratch_database
 from bench.fire_batch import measure as fire
 from program_timer.store import queries
-from program_timer.store.db import make_engine, transaction
+from program_timer.store.db import make_engine, pipelined_transaction
 from program_timer.store.schema import deliveries
 
 
@@ -40,10 +41,11 @@ def measure(url: str, n: int, size: int) -> tuple[float, float, float]:
         for start in range(0, len(ids), size):
             chunk = ids[start : start + size]
             began = time.perf_counter()
-            with transaction(engine) as conn:
+            with pipelined_transaction(engine, durable=False) as conn:
                 ack_began = time.perf_counter()
                 acked = queries.ack_deliveries(conn, chunk, ["bench"], datetime.now(UTC))
                 statement += time.perf_counter() - ack_began
+                queries.commit_in_pipeline(conn)
             total += time.perf_counter() - began
             if len(acked) != len(chunk):
                 raise RuntimeError(f"acked {len(acked)} of {len(chunk)}")

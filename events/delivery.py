@@ -410,12 +410,15 @@ class Dispatcher:
         found: dict[str, list[Any]] = {}
         fetched: dict[str, int] = {}
         dead: list[int] = []
-        # A subscriber that re-attached through another daemon is that daemon's now.
-        moved = queries.attached_elsewhere(conn, list(wanted), self._daemon_id)
-        for sid, capacity in wanted.items():
+        # A subscriber that re-attached through another daemon is that daemon's now. On
+        # PostgreSQL both reads are one round trip (the rows of a subscription found moved are
+        # dropped), the marks and the COMMIT another.
+        moved_later = queries.attached_elsewhere_later(conn, list(wanted), self._daemon_id)
+        due = queries.due_deliveries_of(conn, wanted, now)
+        moved = moved_later()
+        for sid, rows in due.items():
             if sid in moved:
                 continue
-            rows = queries.due_deliveries(conn, sid, now, capacity)
             fetched[sid] = len(rows)
             if spent is not None:
                 # Sent max_attempts times and its last wait passed unacked: a dead letter.

@@ -45,7 +45,6 @@ from program_timer.store.db import (
     pipelined_transaction,
     read_modify_write,
     read_transaction,
-    transaction,
 )
 from program_timer.store.errors import Conflict, StoreUnavailable
 
@@ -172,9 +171,10 @@ class StoreWorker:
         it must do nothing but database work on ``conn`` (and return what it found).
 
         ``durable=False``: the work may be committed without waiting for the disk (see
-        :func:`_relaxed_commit`), for writes whose loss in a database crash or power cut is
-        harmless: acks and send marks (a lost one only means a delivery is sent once more, as
-        at-least-once allows). A group is committed that way only if all of its calls are.
+        :func:`~program_timer.store.db.pipelined_transaction`), for writes whose loss in a
+        database crash or power cut is harmless: acks and send marks (a lost one only means a
+        delivery is sent once more, as at-least-once allows). A group is committed that way
+        only if all of its calls are.
         """
         fut: Future[Any] = Future()
         self._queue.put(_Call(fn, fut, durable))
@@ -214,10 +214,11 @@ class StoreWorker:
         failure: Exception | None = None
         for _ in range(CONFLICT_RETRIES):
             try:
-                with transaction(self._engine) as conn:
-                    if not durable:
-                        _relaxed_commit(conn)
+                # On PostgreSQL in one pipeline, BEGIN to COMMIT: an ack is two round trips
+                # (its DELETE's answer, then the rest and the COMMIT), a refill too.
+                with pipelined_transaction(self._engine, durable=durable) as conn:
                     results = [c.fn(conn) for c in calls]
+                    queries.commit_in_pipeline(conn)
             except Conflict as exc:
                 failure = exc
                 continue
@@ -278,23 +279,6 @@ class StoreWorker:
         _resolve(group, outcomes)
         if self._on_committed is not None:
             self._on_committed(list(zip(requests, outcomes, strict=True)))
-
-
-def _relaxed_commit(conn: Connection) -> None:
-    """Let this transaction commit without waiting for its WAL to reach the disk.
-
-    PostgreSQL: ``synchronous_commit = off`` for this transaction only. The commit is still
-    atomic and in WAL order (a later synchronous commit, of a fire or a command, flushes it
-    too); a database crash may lose the last few hundred milliseconds of such commits, and
-    corrupts nothing. Losing an ack or a send mark is harmless: the delivery is sent again (at
-    least once), with the attempt it had. Fire and command transactions never take this path.
-
-    SQLite: nothing; these commits stay ``synchronous=FULL``. (``PRAGMA synchronous=NORMAL``
-    would do the same there, but it is per connection and would have to be put back after the
-    commit, before the pooled connection serves a fire.)
-    """
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
 
 
 def _resolve(group: list[_Command], outcomes: list[Outcome]) -> None:

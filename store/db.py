@@ -127,7 +127,7 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 
 
 @contextlib.contextmanager
-def pipelined_transaction(engine: Engine) -> Iterator[Connection]:
+def pipelined_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
     """A transaction whose statements all run in :func:`~.queries.driver.pipeline` (the fire
     batch's). On PostgreSQL its BEGIN is sent in the pipeline, with the first query, instead
     of in a round trip of its own (psycopg syncs after the BEGIN it sends itself), and the
@@ -140,7 +140,17 @@ def pipelined_transaction(engine: Engine) -> Iterator[Connection]:
     not). A block that does not commit is committed at its end, a round trip later. The
     engine's isolation level (:func:`read_modify_write`) goes into the BEGIN. A statement run
     through SQLAlchemy in the block ends the pipeline first (the engine's listener,
-    :func:`~.queries.driver.suspend_pipeline`). Elsewhere: :func:`transaction`."""
+    :func:`~.queries.driver.suspend_pipeline`). Elsewhere: :func:`transaction`.
+
+    ``durable=False``: the transaction may commit without waiting for the disk. PostgreSQL:
+    ``SET LOCAL synchronous_commit = off``, sent in the pipeline after the BEGIN. The commit
+    is still atomic and in WAL order (a later synchronous commit, of a fire or a command,
+    flushes it too); a database crash may lose the last few hundred milliseconds of such
+    commits, and corrupts nothing. Only for writes whose loss is harmless (the store
+    worker's acks and send marks: a delivery is then sent again, at least once, with the
+    attempt it had). SQLite: nothing; its commits stay ``synchronous=FULL`` (``PRAGMA
+    synchronous`` is per connection and would have to be put back before the pooled
+    connection serves a fire)."""
     if engine.dialect.name != "postgresql":
         with transaction(engine) as conn:
             yield conn
@@ -150,6 +160,8 @@ def pipelined_transaction(engine: Engine) -> Iterator[Connection]:
     with _reported(engine, write=True), translate_errors(), engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT")
         with conn.begin(), driver.pipeline(conn, begin=begin):
+            if not durable:
+                driver.execute(conn, "SET LOCAL synchronous_commit = off", ())
             yield conn
 
 

@@ -20,8 +20,10 @@ from program_timer.scheduler.protocol import (
     CommandRequest,
     decode_line,
 )
-from program_timer.scheduler.worker import StoreWorker
+from program_timer.scheduler.worker import CONFLICT_RETRIES, StoreWorker
 from program_timer.store import queries
+from program_timer.store.errors import Conflict
+from program_timer.store.queries import driver
 from program_timer.store.schema import subscriptions
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -159,3 +161,56 @@ def test_only_a_group_of_non_durable_calls_commits_without_waiting(
     assert [_result(f) for f in mixed] == ["on", "on"]
     # SET LOCAL: the worker's connection is back to synchronous commits afterwards.
     assert _result(worker.call(setting)) == "on"
+
+
+def test_a_call_whose_statement_fails_late_fails_alone(worker: StoreWorker, engine: Engine) -> None:
+    # On PostgreSQL a group runs in one pipeline: a statement sent through the driver is not
+    # answered before a later read or the COMMIT, so its error comes out during the next call
+    # (here the SQLAlchemy statement of "after") or at the group's end. The group is then run
+    # call by call, and only the call that sent the statement fails.
+    def bad(conn: Connection) -> None:
+        driver.execute(conn, "INSERT INTO subscriptions (subscription_id) VALUES (NULL)", ())
+
+    runs: list[str] = []
+    release = _blocked(worker)
+    failing = worker.call(bad, durable=False)
+    last = worker.call(_subscription("after", runs), durable=False)
+    release.set()
+    _result(last)
+    with pytest.raises(Conflict, match=r"(?i)not.null"):  # a constraint: retried, then alone
+        _result(failing)
+    if engine.dialect.name == "postgresql":
+        # Its error came out in "after": the group failed with it at each try, then ran alone.
+        assert runs == ["after"] * (CONFLICT_RETRIES + 1)
+    else:
+        assert runs == ["after"]  # SQLite: the statement failed in "bad", before "after" ran
+    assert _subscription_ids(engine) == ["after"]
+    alone = worker.call(bad, durable=False)  # on its own: its error comes out of the COMMIT
+    with pytest.raises(Conflict, match=r"(?i)not.null"):
+        _result(alone)
+    assert _result(worker.call(lambda c: 1)) == 1  # and the worker's connection is usable
+
+
+def test_a_refill_reads_which_subscriptions_moved_with_their_due_deliveries(
+    worker: StoreWorker, engine: Engine
+) -> None:
+    # The refill's two reads (which wanted subscriptions another daemon took, the due
+    # deliveries of each) are one round trip on PostgreSQL: the first is read after the second.
+    with engine.begin() as conn:
+        for sid, daemon in (("here", "d1"), ("away", "d2")):
+            _subscription(sid)(conn)
+            conn.execute(
+                subscriptions.update()
+                .where(subscriptions.c.subscription_id == sid)
+                .values(attached_to=daemon)
+            )
+
+    def refill_reads(conn: Connection) -> tuple[set[str], dict[str, list[Any]]]:
+        moved = queries.attached_elsewhere_later(conn, ["here", "away", "gone"], "d1")
+        due = queries.due_deliveries_of(conn, {"here": 5, "away": 5}, NOW)
+        return moved(), due
+
+    assert _result(worker.call(refill_reads, durable=False)) == (
+        {"away", "gone"},
+        {"here": [], "away": []},
+    )

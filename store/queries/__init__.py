@@ -29,6 +29,9 @@ from program_timer.store.queries.deliveries import (
     due_deliveries as due_deliveries,
 )
 from program_timer.store.queries.deliveries import (
+    due_deliveries_of as due_deliveries_of,
+)
+from program_timer.store.queries.deliveries import (
     expire_pending as expire_pending,
 )
 from program_timer.store.queries.deliveries import (
@@ -90,6 +93,9 @@ from program_timer.store.queries.operators import (
 )
 from program_timer.store.queries.subscriptions import (
     attached_elsewhere as attached_elsewhere,
+)
+from program_timer.store.queries.subscriptions import (
+    attached_elsewhere_later as attached_elsewhere_later,
 )
 from program_timer.store.queries.subscriptions import (
     delete_subscription as delete_subscription,

@@ -3,7 +3,7 @@ them, acks and the purge end them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final, NamedTuple
 
@@ -204,12 +204,22 @@ def due_deliveries(
     Statistics taken while almost nothing was pending still mislead it into the sort. Dead
     deliveries are outside the range: however many there are, they cost a refill nothing.
     """
-    statement = driver.Statement(
-        _DUE_SQL,
-        (subscription_id, driver.param(conn, now), limit),
-        driver.column_readers(conn, _DUE_COLUMNS),
-    )
-    return [DueDelivery._make(row) for row in driver.fetch_many(conn, [statement])[0]]
+    return due_deliveries_of(conn, {subscription_id: limit}, now)[subscription_id]
+
+
+def due_deliveries_of(
+    conn: Connection, limits: Mapping[str, int], now: datetime
+) -> dict[str, list[DueDelivery]]:
+    """:func:`due_deliveries` of several subscriptions (id → limit), in one round trip on
+    PostgreSQL in a pipeline (the refill's)."""
+    at = driver.param(conn, now)
+    readers = driver.column_readers(conn, _DUE_COLUMNS)
+    statements = [driver.Statement(_DUE_SQL, (sid, at, n), readers) for sid, n in limits.items()]
+    found = driver.fetch_many(conn, statements)
+    return {
+        sid: [DueDelivery._make(row) for row in rows]
+        for sid, rows in zip(limits, found, strict=True)
+    }
 
 
 def mark_sent(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
@@ -99,18 +99,27 @@ def attached_elsewhere(
     conn: Connection, subscription_ids: Sequence[str], daemon_id: str
 ) -> set[str]:
     """Those of the given subscriptions that are no longer attached to this daemon."""
+    return attached_elsewhere_later(conn, subscription_ids, daemon_id)()
+
+
+def attached_elsewhere_later(
+    conn: Connection, subscription_ids: Sequence[str], daemon_id: str
+) -> Callable[[], set[str]]:
+    """:func:`attached_elsewhere`, read later (:func:`~.driver.fetch_later`: in a pipeline,
+    answered in the round trip of the next query read, the refill's due deliveries)."""
     if not subscription_ids:
-        return set()
-    here = {
-        r[0]
-        for r in conn.execute(
-            select(subscriptions.c.subscription_id).where(
-                subscriptions.c.subscription_id.in_(list(subscription_ids)),
-                subscriptions.c.attached_to == daemon_id,
-            )
-        )
-    }
-    return set(subscription_ids) - here
+        return set
+    rows = driver.fetch_later(
+        conn,
+        driver.in_list(conn, _ATTACHED_HERE),
+        (driver.list_param(conn, subscription_ids), daemon_id),
+    )
+    return lambda: set(subscription_ids) - {row[0] for row in rows()}
+
+
+_ATTACHED_HERE: Final = (
+    "SELECT subscription_id FROM subscriptions WHERE subscription_id IN ?* AND attached_to = ?"
+)
 
 
 def delete_subscription(conn: Connection, subscription_id: str) -> bool:
