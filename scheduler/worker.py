@@ -44,6 +44,7 @@ from program_timer.store.db import (
     health,
     pipelined_transaction,
     read_modify_write,
+    read_statements,
     read_transaction,
 )
 from program_timer.store.errors import Conflict, StoreUnavailable
@@ -247,8 +248,9 @@ class StoreWorker:
             r.commandIdn in READ_ONLY_COMMANDS and r.commandActId is None for r in requests
         )
         # A group that writes runs in one pipeline on PostgreSQL, BEGIN to COMMIT: its reads
-        # are one round trip, its writes and the COMMIT another.
-        begin = read_transaction if read_only else pipelined_transaction
+        # are one round trip, its writes and the COMMIT another. One that only reads runs its
+        # queries without a transaction, one round trip each.
+        begin = read_statements if read_only else pipelined_transaction
         for attempt in range(CONFLICT_RETRIES):
             try:
                 with begin(self._command_engine) as conn:

@@ -176,6 +176,22 @@ def read_transaction(engine: Engine) -> Iterator[Connection]:
 
 
 @contextlib.contextmanager
+def read_statements(engine: Engine) -> Iterator[Connection]:
+    """Reads that need no snapshot shared between their statements (a group of read-only
+    commands, each one query: ``get_timer``, ``list_timers``). On PostgreSQL no transaction is
+    opened: the connection is in autocommit mode (put back when it returns to the pool) and
+    each statement is its own transaction, one round trip, where BEGIN, the query and COMMIT
+    were three. Elsewhere: :func:`read_transaction`."""
+    if engine.dialect.name != "postgresql":
+        with read_transaction(engine) as conn:
+            yield conn
+        return
+    with _reported(engine, write=False), translate_errors(), engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
+
+
+@contextlib.contextmanager
 def _reported(engine: Engine, *, write: bool) -> Iterator[None]:
     record = health(engine)
     try:

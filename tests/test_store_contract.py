@@ -28,6 +28,7 @@ from program_timer.store.db import (
     make_engine,
     pipelined_transaction,
     read_modify_write,
+    read_statements,
     transaction,
     upgrade,
 )
@@ -597,6 +598,28 @@ def test_a_command_group_in_a_pipeline_that_runs_a_sqlalchemy_statement(engine: 
     assert out[5].result["timer"]["timerName"] == "b"
     with engine.connect() as conn:
         assert [t.timer_name for t in queries.list_timers(conn, "p", None, 10)] == ["a", "b", "c"]
+
+
+def test_a_read_only_command_group_leaves_its_connection_to_transactions(engine: Engine) -> None:
+    """A group of read-only commands runs without a transaction on PostgreSQL (autocommit:
+    each query is its own, one round trip). Its connection goes back to the pool out of
+    autocommit mode: a transaction that then fails on it keeps nothing it wrote."""
+    clock = FakeClock(T0)
+    run(engine, clock, req(personaId="p", timerName="a", interval="60"))
+    requests = [req("list_timers", personaId="p"), req("get_timer", personaId="p", timerName="a")]
+    with read_statements(read_modify_write(engine)) as conn:
+        raw: Any = conn.connection.dbapi_connection
+        out = apply_batch(conn, requests, CommandSettings(), clock.now())
+    assert [t["timerName"] for t in out[0].result["timers"]] == ["a"]
+    assert out[1].result["timer"]["timerName"] == "a"
+    with pytest.raises(RuntimeError), transaction(engine) as conn:
+        if engine.dialect.name == "postgresql":
+            assert conn.connection.dbapi_connection is raw  # the pool's one connection
+            assert raw.autocommit is False
+        conn.execute(timers.delete())
+        raise RuntimeError("fails after its write")
+    with engine.connect() as conn:
+        assert [t.timer_name for t in queries.list_timers(conn, "p", None, 10)] == ["a"]
 
 
 @pytest.mark.postgres

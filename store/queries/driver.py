@@ -525,21 +525,31 @@ _PIPE: Final = "program_timer_pipeline"
 
 
 class _Pipeline:
-    """psycopg's pipeline mode on the connection of a SQLAlchemy transaction."""
+    """psycopg's pipeline mode on the connection of a SQLAlchemy transaction, entered when
+    the first statement is sent: a block that sends nothing costs nothing (psycopg syncs when
+    pipeline mode ends, a round trip even with nothing sent; a read-only command group loads
+    and flushes nothing)."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._raw: Any = conn.connection.dbapi_connection
         self._mode: Any = None
+        self._left = False
 
     def enter(self, begin: str | None) -> None:
-        self._mode = self._raw.pipeline()
-        self._mode.__enter__()
         if begin is not None:
             self.send(begin, ())
 
+    def _entered(self) -> Any:
+        """The raw connection, in pipeline mode."""
+        if self._mode is None:
+            self._mode = self._raw.pipeline()
+            self._mode.__enter__()
+        return self._raw
+
     def leave(self) -> None:
         """Out of pipeline mode: everything sent is synced (its errors raised here)."""
+        self._left = True
         mode, self._mode = self._mode, None
         if mode is not None:
             with _driver_errors(self._conn, "(pipeline sync)"):
@@ -548,6 +558,7 @@ class _Pipeline:
     def abandon(self) -> None:
         """Out of pipeline mode after an error (the transaction is lost: what the sync says
         about the statements after it adds nothing)."""
+        self._left = True
         mode, self._mode = self._mode, None
         if mode is not None:
             with contextlib.suppress(Exception):  # psycopg leaves pipeline mode whatever fails
@@ -555,20 +566,20 @@ class _Pipeline:
 
     @property
     def active(self) -> bool:
-        return self._mode is not None
+        return not self._left
 
     def send(self, sql: str, params: Sequence[Any]) -> None:
-        with _driver_errors(self._conn, sql), self._raw.cursor() as cur:
+        with _driver_errors(self._conn, sql), self._entered().cursor() as cur:
             cur.execute(sql, params)
 
     def send_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        with _driver_errors(self._conn, sql), self._raw.cursor() as cur:
+        with _driver_errors(self._conn, sql), self._entered().cursor() as cur:
             cur.executemany(sql, params)
 
     def query(self, sql: str, params: Sequence[Any]) -> Callable[[], Sequence[Sequence[Any]]]:
         """Send a query now; the function returned reads its rows (waiting for them)."""
         with _driver_errors(self._conn, sql):
-            cur = self._raw.cursor()
+            cur = self._entered().cursor()
             cur.execute(sql, params)
 
         def rows() -> Sequence[Sequence[Any]]:
