@@ -580,8 +580,8 @@ def test_a_fire_transaction_in_a_pipeline_keeps_nothing_when_it_fails(
 
 
 def test_a_command_group_in_a_pipeline_that_runs_a_sqlalchemy_statement(engine: Engine) -> None:
-    """A command group runs in one pipeline on PostgreSQL; ``list_timers`` and
-    ``delete_timers`` are SQLAlchemy statements, which end the pipeline first: what the group
+    """A command group runs in one pipeline on PostgreSQL; ``delete_timers`` is a SQLAlchemy
+    statement, which ends the pipeline first, and ``list_timers`` reads in it: what the group
     wrote before them is there for them to read, and what it writes after them is kept too."""
     clock = FakeClock(T0)
     out = run(
