@@ -610,12 +610,14 @@ def test_a_read_only_command_group_leaves_its_connection_to_transactions(engine:
     with read_statements(read_modify_write(engine)) as conn:
         raw: Any = conn.connection.dbapi_connection
         out = apply_batch(conn, requests, CommandSettings(), clock.now())
-    assert [t["timerName"] for t in out[0].result["timers"]] == ["a"]
-    assert out[1].result["timer"]["timerName"] == "a"
+    listed, got = out[0].result, out[1].result
+    assert listed is not None and got is not None
+    assert [t["timerName"] for t in listed["timers"]] == ["a"]
+    assert got["timer"]["timerName"] == "a"
     with pytest.raises(RuntimeError), transaction(engine) as conn:
         if engine.dialect.name == "postgresql":
-            assert conn.connection.dbapi_connection is raw  # the pool's one connection
             assert raw.autocommit is False
+            assert conn.connection.dbapi_connection is raw  # the pool's one connection
         conn.execute(timers.delete())
         raise RuntimeError("fails after its write")
     with engine.connect() as conn:
