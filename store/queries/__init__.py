@@ -92,9 +92,6 @@ from program_timer.store.queries.operators import (
     replay_events as replay_events,
 )
 from program_timer.store.queries.subscriptions import (
-    attached_elsewhere as attached_elsewhere,
-)
-from program_timer.store.queries.subscriptions import (
     attached_elsewhere_later as attached_elsewhere_later,
 )
 from program_timer.store.queries.subscriptions import (

@@ -95,18 +95,12 @@ def detach_daemon(conn: Connection, daemon_id: str) -> None:
     )
 
 
-def attached_elsewhere(
-    conn: Connection, subscription_ids: Sequence[str], daemon_id: str
-) -> set[str]:
-    """Those of the given subscriptions that are no longer attached to this daemon."""
-    return attached_elsewhere_later(conn, subscription_ids, daemon_id)()
-
-
 def attached_elsewhere_later(
     conn: Connection, subscription_ids: Sequence[str], daemon_id: str
 ) -> Callable[[], set[str]]:
-    """:func:`attached_elsewhere`, read later (:func:`~.driver.fetch_later`: in a pipeline,
-    answered in the round trip of the next query read, the refill's due deliveries)."""
+    """Those of the given subscriptions that are no longer attached to this daemon, read later
+    (:func:`~.driver.fetch_later`: in a pipeline, answered in the round trip of the next query
+    read, the refill's due deliveries): call the function returned for them."""
     if not subscription_ids:
         return set
     rows = driver.fetch_later(
