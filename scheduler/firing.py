@@ -30,7 +30,7 @@ from program_timer.core.routing import Router
 from program_timer.events.direct import DirectSends, Send
 from program_timer.scheduler.metrics import Metrics
 from program_timer.store import queries
-from program_timer.store.db import pipelined_transaction
+from program_timer.store.db import KeptConnections
 from program_timer.store.errors import Conflict, StoreError, StoreUnavailable
 from program_timer.store.notify import DELIVERIES, notify
 
@@ -238,7 +238,7 @@ class FireLoop:
         self._commands_waiting = commands_waiting
         self._direct = direct
         self._ack_timeout = ack_timeout
-        self._engine = engine
+        self._connections = KeptConnections(engine)  # for the length of a pass
         self._clock = clock
         self._metrics = metrics
         self._daemon_id = daemon_id
@@ -275,6 +275,8 @@ class FireLoop:
                 self._settle_pending()
             except Exception:  # rolled back: its timers are claimed again by the next pass
                 log.warning("last fire batch of the pass failed", action="fire_pass_error")
+            finally:
+                self._connections.release()
 
     def _fire_pass(self) -> None:
         while not self._stop.is_set():
@@ -333,7 +335,7 @@ class FireLoop:
             direct = Direct(quota, now + timedelta(seconds=self._ack_timeout))
         try:
             with contextlib.ExitStack() as stack:
-                conn = stack.enter_context(pipelined_transaction(self._engine))
+                conn = stack.enter_context(self._connections.pipelined_transaction())
                 # Two batches at once (the one before committing) count on two lanes.
                 self._lane ^= 1
                 result = fire_batch(
