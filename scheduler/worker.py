@@ -41,10 +41,9 @@ from program_timer.scheduler.commands import (
 from program_timer.scheduler.protocol import CommandRequest, ProtocolError
 from program_timer.store import queries
 from program_timer.store.db import (
+    KeptConnections,
     health,
-    pipelined_transaction,
     read_modify_write,
-    read_statements,
     read_transaction,
 )
 from program_timer.store.errors import Conflict, StoreUnavailable
@@ -52,6 +51,7 @@ from program_timer.store.errors import Conflict, StoreUnavailable
 log = get_logger()
 
 CONFLICT_RETRIES: Final = 3
+KEEP_IDLE: Final = 1.0  # seconds without work after which the worker's connection is released
 
 
 @dataclass(slots=True)
@@ -99,6 +99,7 @@ class StoreWorker:
     ) -> None:
         self._engine = engine
         self._command_engine = read_modify_write(engine)
+        self._connections = KeptConnections(engine)  # while work comes (KEEP_IDLE)
         self._settings = settings
         self._clock = clock
         self._max_batch = max_batch
@@ -184,9 +185,10 @@ class StoreWorker:
     def _run(self) -> None:
         pending: Any = None
         while True:
-            item = pending if pending is not None else self._queue.get()
+            item = pending if pending is not None else self._next()
             pending = None
             if item is _STOP:
+                self._connections.release()
                 return
             kind = type(item)
             group = [item]
@@ -209,6 +211,15 @@ class StoreWorker:
                 if commands:
                     self._run_commands(commands)
 
+    def _next(self) -> Any:
+        """The next item queued; while none comes for :data:`KEEP_IDLE` seconds, the kept
+        connection goes back to the pool."""
+        try:
+            return self._queue.get(timeout=KEEP_IDLE)
+        except queue.Empty:
+            self._connections.release()
+            return self._queue.get()
+
     def _run_calls(self, calls: list[_Call]) -> None:
         """Run the calls in one transaction, under the error policy of the module docstring."""
         durable = any(c.durable for c in calls)
@@ -217,7 +228,7 @@ class StoreWorker:
             try:
                 # On PostgreSQL in one pipeline, BEGIN to COMMIT: an ack is two round trips
                 # (its DELETE's answer, then the rest and the COMMIT), a refill too.
-                with pipelined_transaction(self._engine, durable=durable) as conn:
+                with self._connections.pipelined_transaction(durable=durable) as conn:
                     results = [c.fn(conn) for c in calls]
                     queries.commit_in_pipeline(conn)
             except Conflict as exc:
@@ -250,10 +261,14 @@ class StoreWorker:
         # A group that writes runs in one pipeline on PostgreSQL, BEGIN to COMMIT: its reads
         # are one round trip, its writes and the COMMIT another. One that only reads runs its
         # queries without a transaction, one round trip each.
-        begin = read_statements if read_only else pipelined_transaction
+        kept = self._connections
         for attempt in range(CONFLICT_RETRIES):
             try:
-                with begin(self._command_engine) as conn:
+                with (
+                    kept.read_statements()
+                    if read_only
+                    else kept.pipelined_transaction(engine=self._command_engine)
+                ) as conn:
                     outcomes = apply_batch(conn, requests, self._settings, self._clock.now())
                     queries.commit_in_pipeline(conn)
                 break

@@ -191,19 +191,19 @@ def _pipelined(engine: Engine, conn: Connection, *, durable: bool) -> Iterator[C
 
 class KeptConnections:
     """Connections that a loop of transactions keeps between them, instead of taking one from
-    the pool for each (the fire loop, for the length of a fire pass). A pool checkout and
-    return, with the isolation level set and reset, was an eighth of the instructions of a
-    one-fire batch on either database (callgrind, README "Speed"), and a steady rate runs one
-    batch per fire.
+    the pool for each: the fire loop, for the length of a fire pass; the store worker, while
+    work comes. A pool checkout and return, with the isolation level set and reset, was a
+    tenth of the instructions of a one-fire batch on either database (callgrind, README
+    "Speed"), and a steady rate runs one batch per fire, and one ack transaction per read.
 
-    :meth:`pipelined_transaction` is :func:`pipelined_transaction` on a kept connection (at
-    most as many are kept as transactions ran at once: the fire loop's two, when a batch
-    commits while the next one is claimed). A connection goes back to the pool as soon as a
-    transaction on it fails, and at :meth:`release`. Before a kept PostgreSQL connection is
-    used again its socket is looked at, as the pool does at a checkout
-    (:func:`~program_timer.store.postgres.quiet`): one whose server ended the session goes
-    back to the pool, whose checkout pings and replaces it, and the transaction runs on a
-    connection the pool hands out; the caller never sees it."""
+    :meth:`pipelined_transaction` is :func:`pipelined_transaction` on a kept connection, and
+    :meth:`read_statements` is :func:`read_statements`. At most as many are kept as
+    transactions ran at once: the fire loop's two, when a batch commits while the next one is
+    claimed. A connection goes back to the pool as soon as a transaction on it fails, and at
+    :meth:`release`. Before a kept PostgreSQL connection is used again its socket is looked
+    at, as the pool does at a checkout (:func:`~program_timer.store.postgres.quiet`): one whose
+    server ended the session goes back to the pool, whose checkout pings and replaces it, and
+    the transaction runs on a connection the pool hands out; the caller never sees it."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -211,18 +211,39 @@ class KeptConnections:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def pipelined_transaction(self) -> Iterator[Connection]:
-        engine = self._engine
-        with _reported(engine, write=True), translate_errors():
+    def pipelined_transaction(
+        self, *, durable: bool = True, engine: Engine | None = None
+    ) -> Iterator[Connection]:
+        """``engine``: one made from the kept connections' own with other execution options
+        (:func:`read_modify_write`), whose isolation level the BEGIN names."""
+        with _reported(self._engine, write=True), translate_errors():
             conn = self._take()
             try:
-                with _pipelined(engine, conn, durable=True):
+                with _pipelined(engine or self._engine, conn, durable=durable):
                     yield conn
             except BaseException:
                 conn.close()  # back to the pool: rolled back, or dropped if invalidated
                 raise
-            with self._lock:
-                self._kept.append(conn)
+            self._keep(conn)
+
+    @contextlib.contextmanager
+    def read_statements(self) -> Iterator[Connection]:
+        """:func:`read_statements` on a kept connection (PostgreSQL: in autocommit mode, each
+        statement its own transaction). Elsewhere that function itself."""
+        if self._engine.dialect.name != "postgresql":
+            with read_statements(self._engine) as conn:
+                yield conn
+            return
+        with _reported(self._engine, write=False), translate_errors():
+            conn = self._take()
+            try:
+                yield conn
+                if conn.in_transaction():  # SQLAlchemy's own begin: nothing on the server
+                    conn.rollback()
+            except BaseException:
+                conn.close()
+                raise
+            self._keep(conn)
 
     def release(self) -> None:
         """Every kept connection back to the pool (at the end of a fire pass)."""
@@ -230,6 +251,10 @@ class KeptConnections:
             kept, self._kept = self._kept, []
         for conn in kept:
             conn.close()
+
+    def _keep(self, conn: Connection) -> None:
+        with self._lock:
+            self._kept.append(conn)
 
     def _take(self) -> Connection:
         with self._lock:

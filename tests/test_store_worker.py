@@ -80,14 +80,22 @@ def _result(fut: Future[Any]) -> Any:
 
 
 def test_calls_queued_together_share_one_transaction(worker: StoreWorker, engine: Engine) -> None:
+    def subscription_in(sid: str) -> Callable[[Connection], Any]:
+        def create(conn: Connection) -> Any:
+            _subscription(sid)(conn)
+            return conn.get_transaction()
+
+        return create
+
     release = _blocked(worker)
-    futures = [worker.call(_subscription(f"s{i}"), durable=i % 2 == 0) for i in range(3)]
+    futures = [worker.call(subscription_in(f"s{i}"), durable=i % 2 == 0) for i in range(3)]
     release.set()
-    conns = [_result(f) for f in futures]
-    assert conns[0] is conns[1] is conns[2]  # one connection, one transaction
+    transactions = [_result(f) for f in futures]
+    assert transactions[0] is not None
+    assert transactions[0] is transactions[1] is transactions[2]  # one transaction
     assert _subscription_ids(engine) == ["s0", "s1", "s2"]
-    alone = _result(worker.call(lambda c: c))
-    assert alone is not conns[0]
+    alone = _result(worker.call(lambda c: c.get_transaction()))
+    assert alone is not None and alone is not transactions[0]
 
 
 def test_a_failing_call_does_not_fail_the_others_of_its_group(
@@ -127,19 +135,19 @@ def test_a_command_ends_the_group_and_keeps_its_place(worker: StoreWorker, engin
     _, request = decode_line(line)
     assert isinstance(request, CommandRequest)
 
-    def timer_seen(conn: Connection) -> tuple[Connection, bool]:
-        return conn, queries.get_timer(conn, "p", "t") is not None
+    def timer_seen(conn: Connection) -> tuple[Any, bool]:
+        return conn.get_transaction(), queries.get_timer(conn, "p", "t") is not None
 
     release = _blocked(worker)
     before = worker.call(timer_seen)
     command = worker.commands([request])
     after = worker.call(timer_seen)
     release.set()
-    conn_before, seen_before = _result(before)
+    transaction_before, seen_before = _result(before)
     assert [outcome.error for outcome in _result(command)] == [None]
-    conn_after, seen_after = _result(after)
+    transaction_after, seen_after = _result(after)
     assert (seen_before, seen_after) == (False, True)
-    assert conn_before is not conn_after
+    assert transaction_before is not transaction_after
 
 
 def test_only_a_group_of_non_durable_calls_commits_without_waiting(
@@ -214,3 +222,42 @@ def test_a_refill_reads_which_subscriptions_moved_with_their_due_deliveries(
         {"away", "gone"},
         {"here": [], "away": []},
     )
+
+
+def _request(command: str, **arguments: Any) -> CommandRequest:
+    line = json.dumps(
+        {
+            "op": "command",
+            "id": 1,
+            "commandIdn": command,
+            "integrationIdn": "program_timer",
+            "connectorIdn": "c",
+            "arguments": arguments,
+        }
+    ).encode()
+    _, request = decode_line(line)
+    assert isinstance(request, CommandRequest)
+    return request
+
+
+def test_groups_that_only_read_and_groups_that_write_take_turns_on_the_kept_connection(
+    worker: StoreWorker, engine: Engine
+) -> None:
+    """The worker keeps its connection from one group to the next while work comes: a group
+    that only reads (on PostgreSQL, in autocommit mode without a transaction) leaves it ready
+    for a group that writes, and the other way round; once the worker stops, the connection is
+    back in the pool."""
+    groups = [
+        [_request("list_timers", personaId="p")],
+        [_request("set_timer", personaId="p", timerName="t", interval="60")],
+        [_request("get_timer", personaId="p", timerName="t")],
+        [_request("set_timer", personaId="p", timerName="u", interval="60")],
+        [_request("delete_timer", personaId="p", timerName="t")],
+        [_request("list_timers", personaId="p")],
+    ]
+    outcomes = [_result(worker.commands(group))[0] for group in groups]
+    assert [outcome.error for outcome in outcomes] == [None] * len(groups)
+    timers = _result(worker.call(lambda c: queries.list_timers(c, "p", None, 10)))
+    assert [t.timer_name for t in timers] == ["u"]
+    worker.stop()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
