@@ -246,7 +246,8 @@ class KeptConnections:
             self._keep(conn)
 
     def release(self) -> None:
-        """Every kept connection back to the pool (at the end of a fire pass)."""
+        """Every kept connection back to the pool: the fire loop's at the end of a pass, the
+        store worker's when no work came for a while and at its stop."""
         with self._lock:
             kept, self._kept = self._kept, []
         for conn in kept:
