@@ -165,8 +165,8 @@ def pipelined_transaction(engine: Engine, *, durable: bool = True) -> Iterator[C
 
 
 def _connection(engine: Engine) -> Connection:
-    """A pooled connection for :func:`_pipelined`: in autocommit mode on PostgreSQL (reset
-    when it goes back to the pool)."""
+    """A pooled connection for :func:`_pipelined` or :func:`read_statements`: in autocommit
+    mode on PostgreSQL (reset when it goes back to the pool)."""
     conn = engine.connect()
     if engine.dialect.name == "postgresql":
         conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -216,15 +216,11 @@ class KeptConnections:
     ) -> Iterator[Connection]:
         """``engine``: one made from the kept connections' own with other execution options
         (:func:`read_modify_write`), whose isolation level the BEGIN names."""
-        with _reported(self._engine, write=True), translate_errors():
-            conn = self._take()
-            try:
-                with _pipelined(engine or self._engine, conn, durable=durable):
-                    yield conn
-            except BaseException:
-                conn.close()  # back to the pool: rolled back, or dropped if invalidated
-                raise
-            self._keep(conn)
+        with (
+            self._lent(write=True) as conn,
+            _pipelined(engine or self._engine, conn, durable=durable),
+        ):
+            yield conn
 
     @contextlib.contextmanager
     def read_statements(self) -> Iterator[Connection]:
@@ -234,16 +230,10 @@ class KeptConnections:
             with read_statements(self._engine) as conn:
                 yield conn
             return
-        with _reported(self._engine, write=False), translate_errors():
-            conn = self._take()
-            try:
-                yield conn
-                if conn.in_transaction():  # SQLAlchemy's own begin: nothing on the server
-                    conn.rollback()
-            except BaseException:
-                conn.close()
-                raise
-            self._keep(conn)
+        with self._lent(write=False) as conn:
+            yield conn
+            if conn.in_transaction():  # SQLAlchemy's own begin: nothing on the server
+                conn.rollback()
 
     def release(self) -> None:
         """Every kept connection back to the pool: the fire loop's at the end of a pass, the
@@ -253,9 +243,18 @@ class KeptConnections:
         for conn in kept:
             conn.close()
 
-    def _keep(self, conn: Connection) -> None:
-        with self._lock:
-            self._kept.append(conn)
+    @contextlib.contextmanager
+    def _lent(self, *, write: bool) -> Iterator[Connection]:
+        """A kept connection (or a new one) for the block, kept again if the block succeeds."""
+        with _reported(self._engine, write=write), translate_errors():
+            conn = self._take()
+            try:
+                yield conn
+            except BaseException:
+                conn.close()  # back to the pool: rolled back, or dropped if invalidated
+                raise
+            with self._lock:
+                self._kept.append(conn)
 
     def _take(self) -> Connection:
         with self._lock:
@@ -293,8 +292,7 @@ def read_statements(engine: Engine) -> Iterator[Connection]:
         with read_transaction(engine) as conn:
             yield conn
         return
-    with _reported(engine, write=False), translate_errors(), engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT")
+    with _reported(engine, write=False), translate_errors(), _connection(engine) as conn:
         yield conn
 
 
