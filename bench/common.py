@@ -191,6 +191,27 @@ class Database:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.path}{suffix}")
 
+    def checkpoints(self) -> tuple[int, bool] | None:
+        """PostgreSQL: how many checkpoints the server has started so far, and whether one is
+        running now (its checkpointer is writing or pacing its writes rather than idle); None
+        on SQLite. A checkpoint spreads its writes over minutes, and the first change to each
+        page after it starts writes the whole page to the WAL: the commits of a scenario that
+        meets one wait longer (README, "Speed")."""
+        if self.kind != "postgres":
+            return None
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            version = conn.info.server_version
+            started = conn.execute(
+                "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
+                if version >= 170000
+                else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+            ).fetchone()
+            waiting = conn.execute(
+                "SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'checkpointer'"
+            ).fetchone()
+        assert started is not None
+        return int(started[0]), waiting is not None and waiting[0] != "CheckpointerMain"
+
     # access
 
     def raw(self) -> Any:

@@ -401,6 +401,21 @@ def _probe_line(meta: dict[str, Any]) -> str:
     )
 
 
+def _checkpointed(r: dict[str, Any]) -> list[str]:
+    """The scenarios that met a checkpoint of the PostgreSQL server (``checkpoints``, recorded
+    by ``bench.run``), each with how: one already running at its start, and how many started."""
+    met = []
+    for name, result in r.items():
+        cp = result.get("checkpoints") if isinstance(result, dict) else None
+        if not cp or not (cp["started"] or cp["running_at_start"]):
+            continue
+        how = ["one running at its start"] if cp["running_at_start"] else []
+        if cp["started"]:
+            how.append(f"{cp['started']} started")
+        met.append(f"{name} ({', '.join(how)})")
+    return met
+
+
 def format_table(results: dict[str, Any]) -> str:
     rows = [HEADER] + [r.cells for r in build_rows(results)]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
@@ -441,4 +456,10 @@ def format_table(results: dict[str, Any]) -> str:
     for kind in meta["databases"]:
         for name, why in sorted(results.get(kind, {}).get("skipped", {}).items()):
             head.append(f"Note: {kind}: {name} skipped: {why}.")
+        met = _checkpointed(results.get(kind, {}))
+        if met:
+            head.append(
+                f"Note: {kind}: the server checkpointed during {', '.join(met)}: commits wait "
+                "longer while it writes (each page's first change after it starts is logged whole)."
+            )
     return "\n".join([*head, "", *lines])

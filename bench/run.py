@@ -110,7 +110,9 @@ def run_database(
         t = time.monotonic()
         log(f"{kind}: {name} ...")
         try:
+            before = db.checkpoints()
             result = fn()
+            after = db.checkpoints()
         except Exception as exc:
             log(f"{kind}: {name} FAILED: {exc}")
             traceback.print_exc()
@@ -119,6 +121,9 @@ def run_database(
             return None
         result["elapsed_s"] = round(time.monotonic() - t, 2)
         result["load_before"] = round(load, 2)
+        if before is not None and after is not None:
+            # the server's checkpoints met by the scenario (the table notes them)
+            result["checkpoints"] = {"started": after[0] - before[0], "running_at_start": before[1]}
         out[name] = result
         brief = {k: v for k, v in result.items() if not k.endswith("_samples_s")}
         log(f"{kind}: {name}: {json.dumps(brief)}")

@@ -94,6 +94,7 @@ def test_benchmark_runs_every_scenario_on_tiny_sizes(tmp_path: Path) -> None:
     assert _positive(scale["list_timers_100"]["p50_ms"])
     # Several daemons need PostgreSQL: skipped with a note on SQLite.
     assert "single-daemon" in r["skipped"]["multi"]
+    assert "checkpoints" not in r["burst"]  # PostgreSQL's only
     assert not any(name.startswith("multi_") for name in r)
 
     # The files: raw figures, lateness samples, the table, and the plot.
@@ -144,6 +145,19 @@ def test_multi_daemon_scenario_on_tiny_sizes_on_postgres(tmp_path: Path, pg_temp
 
     stored = json.loads(files["json"].read_text())["postgres"]
     assert stored["multi_kill_2"]["fires_by_daemon"] == r["multi_kill_2"]["fires_by_daemon"]
+    # Each scenario records the server's checkpoints it met, and the table notes them.
+    for name in ("multi_1", "multi_kill_2"):
+        met = r[name]["checkpoints"]
+        assert met["started"] >= 0 and isinstance(met["running_at_start"], bool)
+    for name in [k for k in r if k.startswith("multi_")]:
+        r[name]["checkpoints"] = {"started": 0, "running_at_start": False}
+    assert "checkpointed" not in format_table(results)
+    r["multi_2"]["checkpoints"] = {"started": 2, "running_at_start": True}
+    r["multi_kill_3"]["checkpoints"] = {"started": 1, "running_at_start": False}
+    assert (
+        "Note: postgres: the server checkpointed during multi_2 (one running at its start, "
+        "2 started), multi_kill_3 (1 started)"
+    ) in format_table(results)
     table = files["table"].read_text()
     assert "coordination overhead" in table
     assert "multi-daemon burst" in table and "SIGKILLed" in table
@@ -153,6 +167,23 @@ def test_multi_daemon_scenario_on_tiny_sizes_on_postgres(tmp_path: Path, pg_temp
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
     assert stored["database"] not in names
+
+
+@pytest.mark.postgres
+def test_the_server_checkpoints_are_counted(tmp_path: Path, pg_template: str) -> None:
+    db = bench_common.Database("postgres", tmp_path, PG_ADMIN)
+    assert bench_common.Database("sqlite", tmp_path).checkpoints() is None
+    db.setup()
+    try:
+        before = db.checkpoints()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        after = db.checkpoints()
+    finally:
+        db.cleanup()
+    assert before is not None and after is not None
+    assert after[0] >= before[0] + 1
+    assert after[1] is False  # an immediate checkpoint is over when CHECKPOINT returns
 
 
 def test_command_line_refuses_unknown_options() -> None:
