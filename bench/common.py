@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 import sqlalchemy as sa
@@ -120,6 +120,13 @@ def summarize_ms(values_s: Iterable[float]) -> dict[str, Any]:
 # --- databases ---------------------------------------------------------------------------------
 
 
+# What the checkpointer waits on while a checkpoint runs (its pacing sleep, its writes and
+# syncs); idle, it waits on ``CheckpointerMain``.
+CHECKPOINT_WAITS: Final = frozenset(
+    {"CheckpointWriteDelay", "DataFileWrite", "DataFileSync", "DataFileFlush", "WALWrite"}
+)
+
+
 class Database:
     """One database of one kind for the whole run; :meth:`fresh` empties it for each scenario.
 
@@ -191,26 +198,32 @@ class Database:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.path}{suffix}")
 
-    def checkpoints(self) -> tuple[int, bool] | None:
-        """PostgreSQL: how many checkpoints the server has started so far, and whether one is
-        running now (its checkpointer is writing or pacing its writes rather than idle); None
-        on SQLite. A checkpoint spreads its writes over minutes, and the first change to each
-        page after it starts writes the whole page to the WAL: the commits of a scenario that
-        meets one wait longer (README, "Speed")."""
+    def checkpoints(self) -> tuple[int, bool | None] | None:
+        """PostgreSQL: how many checkpoints the server has begun so far, and whether one is
+        running now (its checkpointer writing, syncing or pacing its writes; None where this
+        role cannot see the checkpointer); None on SQLite, or when the server cannot be asked
+        (the figure is then left out, the scenario is not failed for it). A checkpoint spreads
+        its writes over most of its interval, and the first change to each page after it begins
+        writes the whole page to the WAL: the commits of a scenario during which one begins wait
+        longer (README, "Speed"). From PostgreSQL 17 the count is ``pg_stat_checkpointer``'s,
+        whose timed checkpoints include those an idle server skips."""
         if self.kind != "postgres":
             return None
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            version = conn.info.server_version
-            started = conn.execute(
-                "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
-                if version >= 170000
-                else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
-            ).fetchone()
-            waiting = conn.execute(
-                "SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'checkpointer'"
-            ).fetchone()
-        assert started is not None
-        return int(started[0]), waiting is not None and waiting[0] != "CheckpointerMain"
+        try:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                begun = conn.execute(
+                    "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
+                    if conn.info.server_version >= 170000
+                    else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+                ).fetchone()
+                waiting = conn.execute(
+                    "SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'checkpointer'"
+                ).fetchone()
+        except psycopg.Error:
+            return None
+        assert begun is not None
+        running = None if waiting is None else waiting[0] in CHECKPOINT_WAITS
+        return int(begun[0]), running
 
     # access
 

@@ -405,7 +405,7 @@ def _checkpointed(r: dict[str, Any]) -> list[str]:
     """The scenarios during which the PostgreSQL server started a checkpoint (``checkpoints``,
     recorded by ``bench.run``), with how many. Only those: the WAL grows most right after a
     checkpoint starts, and a timed one spreads its writes over most of its interval, so one
-    is running at the start of most scenarios (the JSON keeps that too)."""
+    is often running at a scenario's start (the JSON keeps that too)."""
     met = []
     for name, result in r.items():
         cp = result.get("checkpoints") if isinstance(result, dict) else None

@@ -107,12 +107,11 @@ def run_database(
 
     def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         load = os.getloadavg()[0]
+        before = db.checkpoints()  # outside the scenario: a failure to ask only drops the figure
         t = time.monotonic()
         log(f"{kind}: {name} ...")
         try:
-            before = db.checkpoints()
             result = fn()
-            after = db.checkpoints()
         except Exception as exc:
             log(f"{kind}: {name} FAILED: {exc}")
             traceback.print_exc()
@@ -121,6 +120,7 @@ def run_database(
             return None
         result["elapsed_s"] = round(time.monotonic() - t, 2)
         result["load_before"] = round(load, 2)
+        after = db.checkpoints()
         if before is not None and after is not None:
             # the server's checkpoints met by the scenario (the table notes them)
             result["checkpoints"] = {"started": after[0] - before[0], "running_at_start": before[1]}
