@@ -23,6 +23,7 @@ from program_timer.core.rules import (
     apply_set,
     fire,
 )
+from program_timer.scheduler import protocol
 from program_timer.scheduler.arguments import (
     ArgumentLimits,
     parse_set_command,
@@ -150,6 +151,92 @@ def test_decode_line_nested_arguments_of_a_valid_command(depth: int) -> None:
         b'"connectorIdn":"c","arguments":{"x":' + b"[" * depth + b"]" * depth + b"}}"
     )
     _check_decode(raw)
+
+
+# --- the direct read (pydantic from the bytes) and the long way agree -----------------------
+
+valid_requests = st.one_of(
+    st.builds(
+        lambda rid, args, act, connector: {
+            "op": "command",
+            "id": rid,
+            "commandIdn": "set_timer",
+            "integrationIdn": "program_timer",
+            "connectorIdn": connector,
+            "arguments": args,
+            **({"commandActId": act} if act else {}),
+        },
+        json_scalars,
+        st.dictionaries(st.text(max_size=12), json_values, max_size=6),
+        st.none() | st.uuids().map(str),
+        st.text(min_size=1, max_size=8),
+    ),
+    st.builds(
+        lambda rid, ids: {"op": "ack", "id": rid, "deliveryIds": ids},
+        json_scalars,
+        st.lists(st.integers(min_value=-(2**70), max_value=2**70), max_size=5),
+    ),
+    st.builds(
+        lambda sub, since, persona: {
+            "op": "subscribe",
+            "subscriptionId": sub,
+            "since": since,
+            "filter": {"personaId": persona},
+        },
+        st.text(min_size=1, max_size=8),
+        st.none() | st.datetimes().map(lambda d: d.isoformat()) | st.text(max_size=8),
+        st.none() | st.text(max_size=8),
+    ),
+    st.builds(lambda rid, op: {"op": op, "id": rid}, json_scalars, st.sampled_from(OPS)),
+)
+
+
+def _answer(read: Any, raw: bytes) -> tuple[Any, ...]:
+    try:
+        rid, request = read(raw)
+    except ProtocolError as err:
+        return ("refused", err.code, err.message, err.field, err.request_id)  # type: ignore[attr-defined]
+    return ("read", type(rid), rid, type(request), request)
+
+
+def _check_agree(raw: bytes) -> None:
+    assert _answer(decode_line, raw) == _answer(protocol._decode_parsed, raw)
+
+
+@FAST
+@given(valid_requests | request_objects)
+def test_the_direct_read_and_the_long_way_agree(obj: dict[str, Any]) -> None:
+    """Whatever a line holds, reading it straight from its bytes gives what reading its JSON
+    value first gives: the same request (its id of the same type), or the same refusal."""
+    _check_agree(json.dumps(obj).encode())
+    _check_agree(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
+@pytest.mark.parametrize(
+    "value", [b"NaN", b"-Infinity", b"1" * 19, b"1" * 5000, b"1e400", b'"\\ud800"', b"-0"]
+)
+def test_the_direct_read_and_the_long_way_agree_on_the_edges_of_json(value: bytes) -> None:
+    """Numbers and escapes that pydantic's JSON reader and the standard read differently."""
+    _check_agree(
+        b'{"op":"command","id":' + value + b',"commandIdn":"set_timer",'
+        b'"integrationIdn":"program_timer","connectorIdn":"c","arguments":{"x":' + value + b"}}"
+    )
+
+
+def test_a_usual_line_is_read_straight_from_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def long_way(line: bytes) -> Any:
+        raise AssertionError("read the long way")
+
+    monkeypatch.setattr(protocol, "_decode_parsed", long_way)
+    rid, request = decode_line(
+        b'{"op":"command","id":7,"commandIdn":"set_timer","integrationIdn":"program_timer",'
+        b'"connectorIdn":"c","arguments":{"personaId":"p","timerName":"t","interval":"5"}}'
+    )
+    assert rid == 7
+    assert isinstance(request, protocol.CommandRequest)
+    assert request.arguments == {"personaId": "p", "timerName": "t", "interval": "5"}
+    _, ack = decode_line(b'{"op":"ack","deliveryIds":[1,2]}')
+    assert isinstance(ack, protocol.AckRequest) and ack.deliveryIds == [1, 2]
 
 
 # --- string_arguments + parse_set_command (+ apply_set) -------------------------------------
