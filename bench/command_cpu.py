@@ -2,6 +2,7 @@
 
     python -m bench.command_cpu                       # SQLite, 3 rounds of 20,000
     python -m bench.command_cpu --db postgres --n 20000
+    python -m bench.command_cpu --callgrind --n 6000  # instructions a command (valgrind)
 
 Each round starts a real daemon (``program-timer serve``) on a fresh database and has one
 client pipeline ``--n`` new ``set_timer`` commands through its socket, as the ``commands``
@@ -11,18 +12,27 @@ process and of every PostgreSQL server process (``/proc/<pid>/stat``) and of thi
 the daemon kept busy. CPU per command moves less than a rate with what else the machine
 runs, so it is the A/B measure for the socket side; a daemon at about one core is bound by
 its one GIL, one well below it waits for its database.
+
+With ``--callgrind`` the daemon runs under ``valgrind --tool=callgrind`` instead, once with
+``--n`` commands and once with a third of them, and the difference of the instructions its
+process executed (every thread: the event loop, the store worker) is divided by the
+difference of the commands: the instructions a pipelined ``set_timer`` costs the daemon, the
+same on a busy machine as on a quiet one (a daemon under valgrind starts in about half a
+minute and runs some fifty times slower).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from bench.common import Daemon, Database, one_database_args
+from bench.common import Daemon, Database, one_database_parser
 from bench.ours import _pipelined, set_timer_lines
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -77,12 +87,54 @@ def measure(db: Database, workdir: Path, n: int, label: str) -> dict[str, Any]:
     }
 
 
+CALLGRIND: Final = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
+_COLLECTED: Final = re.compile(r"==\d+== Collected : ([\d,]+)")
+
+
+def instructions(
+    db: Database, workdir: Path, n: int, label: str, wrapper: Sequence[str] = CALLGRIND
+) -> int | None:
+    """The instructions the daemon's process executed from its start to its stop, with ``n``
+    pipelined ``set_timer`` between, as ``wrapper`` (callgrind) wrote them in its log; None
+    where the log has no such line."""
+    url = db.fresh(label)
+    lines = set_timer_lines(n)
+    with Daemon(url, workdir, label, wrapper=wrapper) as daemon:
+        daemon.start(timeout=600)
+        result = _pipelined(daemon.socket, lines)
+        daemon.stop(timeout=600)
+        log = daemon.log_path.read_text(errors="replace")
+    if result["errors"]:
+        raise RuntimeError(f"{result['errors']} commands were refused")
+    found = _COLLECTED.findall(log)
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def instructions_a_command(
+    db: Database, workdir: Path, n: int, wrapper: Sequence[str] = CALLGRIND
+) -> float:
+    """Instructions a command: the daemon's with ``n`` commands less those with a third."""
+    small = max(1, n // 3)
+    counts = [instructions(db, workdir, k, f"cg{k}", wrapper) for k in (small, n)]
+    if None in counts:
+        raise RuntimeError("the daemon's log has no instruction count: is valgrind installed?")
+    few, many = counts
+    assert few is not None and many is not None
+    return (many - few) / (n - small)
+
+
 def main() -> None:
-    args = one_database_args(__doc__.splitlines()[0], 20_000)
+    parser = one_database_parser(__doc__.splitlines()[0], 20_000)
+    parser.add_argument("--callgrind", action="store_true", help="instructions a command")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pt-cpu-") as folder:
         db = Database(args.db, Path(folder), args.pg_url)
         db.setup()
         try:
+            if args.callgrind:
+                per = instructions_a_command(db, Path(folder), args.n)
+                print(f"{args.db}: {per:,.0f} instructions of the daemon a set_timer")
+                return
             for i in range(3):
                 r = measure(db, Path(folder), args.n, f"cpu{i}")
                 print(

@@ -329,13 +329,20 @@ def one_database_args(
 ) -> argparse.Namespace:
     """The command line of a measure on one database: ``--db``, ``--n`` (default ``n``),
     ``--pg-url`` and, with ``size``, ``--size`` (default ``default_size``)."""
+    return one_database_parser(description, n, size, default_size).parse_args()
+
+
+def one_database_parser(
+    description: str, n: int, size: bool = False, default_size: int = 1
+) -> argparse.ArgumentParser:
+    """:func:`one_database_args`' parser, for a measure with options of its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgres"])
     parser.add_argument("--n", type=int, default=n)
     if size:
         parser.add_argument("--size", type=int, default=default_size)
     parser.add_argument("--pg-url", default=DEFAULT_PG_ADMIN)
-    return parser.parse_args()
+    return parser
 
 
 @contextlib.contextmanager
@@ -438,9 +445,17 @@ class Daemon:
     """``program-timer serve`` as a subprocess, configured only by its environment."""
 
     def __init__(
-        self, url: str, workdir: Path, label: str, env: dict[str, str] | None = None
+        self,
+        url: str,
+        workdir: Path,
+        label: str,
+        env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``wrapper``: a command the daemon runs under (``valgrind …``), its output in the
+        daemon's log."""
         self.url = url
+        self.wrapper = list(wrapper)
         self.workdir = workdir
         self.label = label
         self.socket = str(workdir / f"{label}.sock")
@@ -468,7 +483,7 @@ class Daemon:
         try:
             started = time.monotonic()
             self.proc = subprocess.Popen(
-                daemon_command(),
+                [*self.wrapper, *daemon_command()],
                 env=env,
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,

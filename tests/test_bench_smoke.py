@@ -253,6 +253,22 @@ def test_command_cpu_counts_the_daemons_cpu_per_command(tmp_path: Path) -> None:
     assert r["server_us"] == 0.0  # no database server on SQLite
 
 
+def test_command_cpu_runs_the_daemon_under_a_wrapper_and_reads_its_instructions(
+    tmp_path: Path,
+) -> None:
+    db = bench_common.Database("sqlite", tmp_path)
+    # "env" runs the daemon as it is (SIGTERM reaches it): the commands are applied, and a log
+    # without callgrind's line gives no count.
+    assert bench_command_cpu.instructions(db, tmp_path, 300, "wrapped", wrapper=["env"]) is None
+    assert db.count("timers") == 300
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        bench_command_cpu.instructions_a_command(db, tmp_path, 30, wrapper=["env"])
+    # callgrind's last line in a log (valgrind 3.19), thousands separators or not
+    log = "==12079== Events    : Ir\n==12079== Collected : 4,891,681,057\n"
+    assert bench_command_cpu._COLLECTED.findall(log) == ["4,891,681,057"]
+    assert bench_command_cpu._COLLECTED.findall("==7== Collected : 123") == ["123"]
+
+
 def test_ack_batch_acks_every_delivery(tmp_path: Path) -> None:
     from sqlalchemy import func, select
 
