@@ -69,10 +69,10 @@ class Histogram:
     def __post_init__(self) -> None:
         self.counts = [0] * (len(self.bounds) + 1)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.total += value
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.count += times
+        self.total += value * times
 
     def buckets(self) -> list[tuple[float, int]]:
         """(upper bound, cumulative count), ``inf`` last."""
@@ -119,18 +119,25 @@ class Metrics:
     def record_command(self, command: str, result: str, seconds: float) -> None:
         """One ``command`` request answered: its ``commandIdn`` (already bounded by the caller
         to the known commands and ``other``), ``ok`` or the error code, and how long it took."""
+        self.record_commands({(command, result): 1}, seconds)
+
+    def record_commands(self, answered: dict[tuple[str, str], int], seconds: float) -> None:
+        """``command`` requests answered together (one run of the store worker), counted by
+        (``commandIdn``, result) as in :meth:`record_command`; each took ``seconds``. One lock
+        and one histogram update per kind, not per command."""
         with self._lock:
-            key = (command, result)
             commands = self._commands
-            if key not in commands and len(commands) >= MAX_LABELS * 4:
-                key = ("other", result)
-            commands[key] = commands.get(key, 0) + 1
-            latency = self._command_latency.get(command)
-            if latency is None:
-                if len(self._command_latency) >= MAX_LABELS:
-                    command = "other"
-                latency = self._command_latency.setdefault(command, Histogram(COMMAND_BUCKETS))
-            latency.observe(seconds)
+            for key, times in answered.items():
+                command, result = key
+                if key not in commands and len(commands) >= MAX_LABELS * 4:
+                    key = ("other", result)
+                commands[key] = commands.get(key, 0) + times
+                latency = self._command_latency.get(command)
+                if latency is None:
+                    if len(self._command_latency) >= MAX_LABELS:
+                        command = "other"
+                    latency = self._command_latency.setdefault(command, Histogram(COMMAND_BUCKETS))
+                latency.observe(seconds, times)
 
     def record_database_error(self, kind: str) -> None:
         with self._lock:

@@ -245,6 +245,7 @@ class RequestHandler:
         took = time.perf_counter() - started
         done = None if outcomes.cancelled() else outcomes.result()
         out = []
+        answered: dict[tuple[str, str], int] = {}  # by (commandIdn, result), for the metrics
         for i, (rid, request) in enumerate(zip(ids, requests, strict=True)):
             result = "internal"
             try:
@@ -263,8 +264,9 @@ class RequestHandler:
                     result = "unavailable"
                 out.append(self._failed(rid, exc))
             finally:
-                name = request.commandIdn if request.commandIdn in COMMANDS else "other"
-                self._metrics.record_command(name, result, took)
+                key = (request.commandIdn if request.commandIdn in COMMANDS else "other", result)
+                answered[key] = answered.get(key, 0) + 1
+        self._metrics.record_commands(answered, took)
         replies.set_result(out)
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
