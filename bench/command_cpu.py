@@ -115,11 +115,9 @@ def instructions_a_command(
 ) -> float:
     """Instructions a command: the daemon's with ``n`` commands less those with a third."""
     small = max(1, n // 3)
-    counts = [instructions(db, workdir, k, f"cg{k}", wrapper) for k in (small, n)]
-    if None in counts:
+    few, many = (instructions(db, workdir, k, f"cg{k}", wrapper) for k in (small, n))
+    if few is None or many is None:
         raise RuntimeError("the daemon's log has no instruction count: is valgrind installed?")
-    few, many = counts
-    assert few is not None and many is not None
     return (many - few) / (n - small)
 
 

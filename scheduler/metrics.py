@@ -116,15 +116,11 @@ class Metrics:
             for value in lateness:
                 observe(value)
 
-    def record_command(self, command: str, result: str, seconds: float) -> None:
-        """One ``command`` request answered: its ``commandIdn`` (already bounded by the caller
-        to the known commands and ``other``), ``ok`` or the error code, and how long it took."""
-        self.record_commands({(command, result): 1}, seconds)
-
     def record_commands(self, answered: dict[tuple[str, str], int], seconds: float) -> None:
         """``command`` requests answered together (one run of the store worker), counted by
-        (``commandIdn``, result) as in :meth:`record_command`; each took ``seconds``. One lock
-        and one histogram update per kind, not per command."""
+        (``commandIdn``, already bounded by the caller to the known commands and ``other``;
+        ``ok`` or the error code); each took ``seconds``. One lock and one histogram update
+        per kind, not per command."""
         with self._lock:
             commands = self._commands
             for key, times in answered.items():

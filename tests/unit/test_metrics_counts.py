@@ -10,7 +10,7 @@ from program_timer.scheduler.metrics import COMMAND_BUCKETS, Metrics
 def test_commands_answered_together_count_each_command() -> None:
     m = Metrics()
     m.record_commands({("set_timer", "ok"): 3, ("get_timer", "not_found"): 2}, 0.004)
-    m.record_command("set_timer", "ok", 0.5)
+    m.record_commands({("set_timer", "ok"): 1}, 0.5)
     snap = m.snapshot()
     assert snap["commands"] == {("set_timer", "ok"): 4, ("get_timer", "not_found"): 2}
     assert m.commands == 6 and m.command_errors == 2
