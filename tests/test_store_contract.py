@@ -301,6 +301,22 @@ def test_purges(engine: Engine) -> None:
         assert [r.timer_name for r in conn.execute(select(timers.c.timer_name))] == ["keep"]
 
 
+def test_a_fired_one_shot_is_kept_a_retention_after_its_fire(engine: Engine) -> None:
+    """The retention of a fired one-shot counts from its fire, not from its last command: one
+    set ten days ahead is still there a minute after it fired, and gone seven days later."""
+    clock = FakeClock(T0)
+    run(engine, clock, req(personaId="p", timerName="later", fireAt="2026-03-11T12:00:00Z"))
+    clock.advance(10 * 86400 + 1)
+    assert fire(engine, clock).fired == 1
+    clock.advance(60)
+    with transaction(engine) as conn:
+        assert queries.purge_fired_timers(conn, clock.now() - timedelta(days=7)) == 0
+    clock.advance(7 * 86400)
+    with transaction(engine) as conn:
+        assert queries.purge_fired_timers(conn, clock.now() - timedelta(days=7)) == 1
+        assert queries.timer_counts(conn).get("fired", 0) == 0
+
+
 def _counts(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
     with engine.connect() as conn:
         return queries.timer_counts(conn), queries.recount_timers(conn)

@@ -256,9 +256,11 @@ def _complete_sql(n: int) -> str:
 
 
 def purge_fired_timers(conn: Connection, before: datetime) -> int:
+    """Delete the one-shot timers that fired before ``before``: the retention counts from the
+    fire (a fire does not touch ``updated_at``, which is the last command's time)."""
     stmt = delete(timers).where(
         timers.c.state == FIRED,
-        timers.c.updated_at < before,
+        timers.c.last_fired_at < before,
     )
     removed: int = conn.execute(stmt).rowcount
     add_timer_counts(conn, {FIRED: -removed})
