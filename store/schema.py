@@ -108,7 +108,15 @@ timers = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     UniqueConstraint("persona_id", "timer_name", name="uq_timers_persona_name"),
     Index("ix_timers_due_at", "due_at"),
-    Index("ix_timers_state_last_fired", "state", "last_fired_at"),
+    # Fired one-shot timers only, for their purge a retention after the fire (migration 0007):
+    # a new, scheduled or repeating timer has no entry, so neither a set_timer nor a repeating
+    # fire writes to it. The purge names the state as a literal, as this condition does.
+    Index(
+        "ix_timers_fired",
+        "last_fired_at",
+        sqlite_where=text("state = 'fired'"),
+        postgresql_where=text("state = 'fired'"),
+    ),
 )
 
 # How many timers are in each state, kept in the transactions that change a timer's state (so

@@ -317,6 +317,29 @@ def test_a_fired_one_shot_is_kept_a_retention_after_its_fire(engine: Engine) -> 
         assert queries.timer_counts(conn).get("fired", 0) == 0
 
 
+def test_the_purge_of_fired_timers_reads_their_partial_index(engine: Engine) -> None:
+    """Only fired one-shots are in ``ix_timers_fired`` (migration 0007), and the purge finds
+    them through it, never by reading every timer: the state in its condition is a literal, so
+    that neither database needs to know a parameter's value to use the partial index."""
+    from program_timer.store.queries.timers import purge_fired_statement
+
+    with transaction(engine) as conn:
+        queries.insert_timers(conn, [_odd_timer(i) for i in range(10_000)])
+    with engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        compiled = purge_fired_statement(T0).compile(dialect=conn.dialect)
+        if engine.dialect.name == "postgresql":
+            sql = "EXPLAIN (FORMAT JSON) " + str(compiled)
+            plan = json.dumps(conn.exec_driver_sql(sql, dict(compiled.params)).scalar())
+            assert '"Node Type": "Seq Scan"' not in plan, plan
+            assert '"Index Name": "ix_timers_fired"' in plan, plan
+        else:
+            sql = "EXPLAIN QUERY PLAN " + str(compiled)
+            rows = conn.exec_driver_sql(sql, (T0.isoformat(),))
+            plan = " | ".join(str(row[-1]) for row in rows)
+            assert "ix_timers_fired" in plan, plan
+
+
 def _counts(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
     with engine.connect() as conn:
         return queries.timer_counts(conn), queries.recount_timers(conn)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, delete, func, select
+from sqlalchemy import Connection, Delete, Row, delete, func, literal_column, select
 
 from program_timer.core.model import FIRED, Timer
 from program_timer.store.queries import driver
@@ -258,13 +258,18 @@ def _complete_sql(n: int) -> str:
 def purge_fired_timers(conn: Connection, before: datetime) -> int:
     """Delete the one-shot timers that fired before ``before``: the retention counts from the
     fire (a fire does not touch ``updated_at``, which is the last command's time)."""
-    stmt = delete(timers).where(
-        timers.c.state == FIRED,
-        timers.c.last_fired_at < before,
-    )
-    removed: int = conn.execute(stmt).rowcount
+    removed: int = conn.execute(purge_fired_statement(before)).rowcount
     add_timer_counts(conn, {FIRED: -removed})
     return removed
+
+
+def purge_fired_statement(before: datetime) -> Delete:
+    """:func:`purge_fired_timers`' statement. The state is a literal, not a parameter, so that
+    both databases plan it on the partial index ``ix_timers_fired`` (fired timers only)."""
+    return delete(timers).where(
+        timers.c.state == literal_column(f"'{FIRED}'"),
+        timers.c.last_fired_at < before,
+    )
 
 
 # Counts by state, kept (table timer_counts, migration 0004) -------------------------------
