@@ -40,14 +40,18 @@ def sqlite_datetime(value: datetime | None) -> str | None:
     """What SQLAlchemy's SQLite DATETIME stores for our UTC instants: naive UTC, always with
     microseconds (``2026-11-28 03:10:02.000000``), so that text order is time order.
 
-    Remembered for the last instants written: a fire batch writes its ``now`` four times a
-    fire (the event, its delivery, the timer), a command batch twice a timer, and looking it
-    up costs a tenth of formatting it."""
+    Cut from orjson's RFC 3339 text (a third of the instructions of ``isoformat()``), which
+    leaves out microseconds that are zero; and remembered for the last instants written: a fire
+    batch writes its ``now`` four times a fire (the event, its delivery, the timer), a command
+    batch twice a timer, and looking it up costs a tenth of formatting it."""
     if value is None:
         return None
     if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
-    return value.isoformat(" ", "microseconds")[:26]
+    text = orjson.dumps(value)  # b'"2026-11-28T03:10:02.000001+00:00"'
+    if value.microsecond:
+        return (text[1:11] + b" " + text[12:27]).decode()
+    return (text[1:11] + b" " + text[12:20] + b".000000").decode()
 
 
 def json_dumps(value: Any) -> str:
