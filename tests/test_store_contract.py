@@ -340,6 +340,46 @@ def test_the_purge_of_fired_timers_reads_their_partial_index(engine: Engine) -> 
             assert "ix_timers_fired" in plan, plan
 
 
+def test_the_count_of_unrouted_events_reads_their_partial_index(engine: Engine) -> None:
+    """Only unrouted events are in ``ix_events_unrouted`` (migration 0008): ``status`` counts
+    them through it, never by reading every event, and counts them right."""
+    from program_timer.store.queries.operators import unrouted_count
+
+    rows = [
+        {
+            "id": i + 1,
+            "external_event_id": str(uuid.UUID(int=i)),
+            "persona_id": "p",
+            "timer_name": f"t{i}",
+            "connector_idn": "c",
+            "command_act_id": str(uuid.UUID(int=i)),
+            "scheduled_at": T0,
+            "fired_at": T0 + timedelta(microseconds=i),
+            "fire_count": 1,
+            "missed_count": 0,
+            "arguments": {},
+            "routed": 0 if i % 1000 == 0 else 1,
+            "fired_by": "test",
+        }
+        for i in range(10_000)
+    ]
+    with transaction(engine) as conn:
+        queries.insert_events(conn, rows)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        assert conn.execute(unrouted_count()).scalar() == 10
+        assert queries.delivery_figures(conn)["unrouted_events"] == 10
+        sql = str(unrouted_count().compile(dialect=conn.dialect))
+        if engine.dialect.name == "postgresql":
+            plan = json.dumps(conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql).scalar())
+            assert '"Node Type": "Seq Scan"' not in plan, plan
+            assert '"Index Name": "ix_events_unrouted"' in plan, plan
+        else:
+            found = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)
+            plan = " | ".join(str(row[-1]) for row in found)
+            assert "ix_events_unrouted" in plan, plan
+
+
 def _counts(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
     with engine.connect() as conn:
         return queries.timer_counts(conn), queries.recount_timers(conn)
