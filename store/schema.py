@@ -107,7 +107,15 @@ timers = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     UniqueConstraint("persona_id", "timer_name", name="uq_timers_persona_name"),
-    Index("ix_timers_due_at", "due_at"),
+    # Timers that will fire only (migration 0009): a completed, disabled or unscheduled one
+    # (due_at NULL) has no entry, so a one-shot's fire removes its entry and adds none. The
+    # due-timer queries (`due_at <= ?`, `due_at IS NOT NULL`) imply the condition.
+    Index(
+        "ix_timers_due_at",
+        "due_at",
+        sqlite_where=text("due_at IS NOT NULL"),
+        postgresql_where=text("due_at IS NOT NULL"),
+    ),
     # Fired one-shot timers only, for their purge a retention after the fire (migration 0007):
     # a new, scheduled or repeating timer has no entry, so neither a set_timer nor a repeating
     # fire writes to it. The purge names the state as a literal, as this condition does.

@@ -380,6 +380,44 @@ def test_the_count_of_unrouted_events_reads_their_partial_index(engine: Engine) 
             assert "ix_events_unrouted" in plan, plan
 
 
+def test_due_timers_are_found_through_their_partial_index(engine: Engine) -> None:
+    """``ix_timers_due_at`` holds the timers that will fire only (migration 0009): the claim
+    (``due_at <= ?``) and the next due time (``due_at IS NOT NULL``) still read it, never the
+    whole table; on PostgreSQL under a generic plan too (the one a prepared statement settles
+    on after five runs), whose parameter values are unknown."""
+    from program_timer.store.queries.timers import NEXT_DUE, claim_statement
+
+    stored = [dataclasses.replace(_odd_timer(i), persona_id=f"p{i // 100}") for i in range(10_000)]
+    with transaction(engine) as conn:
+        queries.insert_timers(conn, stored)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        claim = claim_statement(conn, T0, 1000)
+        for sql, params in ((claim.sql, claim.params), (NEXT_DUE, ())):
+            if engine.dialect.name == "postgresql":
+                numbered = sql
+                for n in range(1, len(params) + 1):
+                    numbered = numbered.replace("?", f"${n}", 1)
+                conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+                conn.exec_driver_sql(f"PREPARE q AS {numbered}")
+                values = ", ".join(
+                    f"'{p.isoformat()}'" if isinstance(p, datetime) else str(p) for p in params
+                )
+                run = "EXPLAIN (FORMAT JSON) EXECUTE q" + (f"({values})" if params else "")
+                plan = json.dumps(conn.exec_driver_sql(run).scalar())
+                conn.exec_driver_sql("DEALLOCATE q")
+                conn.exec_driver_sql("RESET plan_cache_mode")
+                assert '"Node Type": "Seq Scan"' not in plan, plan
+                assert '"Index Name": "ix_timers_due_at"' in plan, plan
+            else:
+                found = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
+                plan = " | ".join(str(row[-1]) for row in found)
+                assert "ix_timers_due_at" in plan, plan
+        due = driver.fetch_many(conn, [claim])[0]
+    expected = sum(1 for t in stored if t.due_at is not None and t.due_at <= T0)
+    assert len(due) == min(1000, expected)
+
+
 def _counts(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
     with engine.connect() as conn:
         return queries.timer_counts(conn), queries.recount_timers(conn)

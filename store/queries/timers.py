@@ -169,14 +169,14 @@ _LIST_AFTER: Final = "persona_id = ? AND timer_name > ? ORDER BY timer_name LIMI
 
 def next_due_at(conn: Connection) -> datetime | None:
     """When the earliest timer is due (plain SQL)."""
-    rows = driver.fetch(conn, _NEXT_DUE)
+    rows = driver.fetch(conn, NEXT_DUE)
     return driver.read_datetime(conn, rows[0][0]) if rows else None
 
 
 def next_due_later(conn: Connection) -> Callable[[], datetime | None]:
     """:func:`next_due_at`, read after the fire batch's pipeline has ended: the query travels
     with the batch's last round trip (:func:`~.driver.fetch_later`)."""
-    rows = driver.fetch_later(conn, _NEXT_DUE)
+    rows = driver.fetch_later(conn, NEXT_DUE)
     return lambda: _first_due(conn, rows())
 
 
@@ -184,7 +184,20 @@ def _first_due(conn: Connection, rows: Sequence[Sequence[Any]]) -> datetime | No
     return driver.read_datetime(conn, rows[0][0]) if rows else None
 
 
-_NEXT_DUE: Final = "SELECT due_at FROM timers WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+NEXT_DUE: Final = "SELECT due_at FROM timers WHERE due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+
+
+def claim_statement(conn: Connection, now: datetime, limit: int) -> driver.Statement:
+    """:func:`claim_due`'s query of the due timers, through the partial ``ix_timers_due_at``
+    (``due_at <= ?`` is never true of NULL: both databases know it implies the index's
+    ``due_at IS NOT NULL``, whatever the parameter)."""
+    lock = "" if conn.dialect.name == "sqlite" else " FOR UPDATE SKIP LOCKED"
+    return driver.select_statement(
+        conn,
+        timers,
+        f"due_at <= ? ORDER BY due_at LIMIT ?{lock}",
+        (driver.param(conn, now), limit),
+    )
 
 
 def claim_due(
@@ -199,14 +212,8 @@ def claim_due(
     are skipped, and the lock lasts until this transaction ends (commit, rollback, or the
     connection dying), so a dead daemon's claim is released by the server itself.
     """
-    lock = "" if conn.dialect.name == "sqlite" else " FOR UPDATE SKIP LOCKED"
-    claim = driver.select_statement(
-        conn,
-        timers,
-        f"due_at <= ? ORDER BY due_at LIMIT ?{lock}",
-        (driver.param(conn, now), limit),
-    )
-    if lock and reserve != (0, 0):
+    claim = claim_statement(conn, now, limit)
+    if conn.dialect.name != "sqlite" and reserve != (0, 0):
         due, subs, ((event_ids, delivery_ids),) = driver.fetch_many(
             conn, [claim, SUBSCRIPTION_FILTERS, reserve_ids(*reserve)]
         )
