@@ -3,6 +3,7 @@
     python -m bench.fire_batch                      # SQLite, 3,000 batches
     python -m bench.fire_batch --db postgres --n 2000
     python -m bench.fire_batch --size 1000 --n 20   # full batches: what a burst pays per fire
+    python -m bench.fire_batch --db postgres --size 1000 --n 4 --wal   # WAL bytes a fire
 
 At a steady rate every fire is its own batch (``scheduler/firing.py``: a timer due within a few
 milliseconds is waited for and fired alone), so the fixed cost of a batch is the floor under
@@ -14,6 +15,12 @@ the time per batch, commit included. No socket,
 no threads: the figure is the store path alone, steadier than the daemon's rows. With
 ``--size`` each batch fires that many timers (a burst's batches are 1,000): the time per fire
 is then the fire path's own cost under a burst.
+
+With ``--wal`` (PostgreSQL) it prints instead the WAL the server wrote a fire, its timer's
+creation included: ``pg_current_wal_lsn()`` around ``--n`` batches and around one, each on a
+fresh database, the difference divided by the fires between. What the server does for a fire
+is not in this process's time or instructions; its WAL is, to the byte, whatever the machine's
+speed (it counts the whole server: run it on a quiet one).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import statistics
 import time
 from datetime import UTC, datetime, timedelta
 
-from bench.common import one_database_args, scratch_database
+from sqlalchemy import Connection, text
+
+from bench.common import one_database_parser, scratch_database
 from program_timer.core import rules
 from program_timer.core.model import Limits, SetCommand
 from program_timer.scheduler.firing import Direct, fire_batch
@@ -93,8 +102,40 @@ def measure(url: str, n: int, size: int = 1) -> list[float]:
         engine.dispose()
 
 
+def wal_per_fire(pg_url: str, n: int, size: int) -> float:
+    """WAL bytes a fire (its timer's creation included): the server's WAL position around
+    ``n`` batches of ``size`` and around one, each on a fresh database, the difference divided
+    by the ``(n - 1) * size`` fires between."""
+    if n < 2:
+        raise ValueError("--wal needs --n 2 or more")
+    written = []
+    for batches in (1, n):
+        with scratch_database("postgres", pg_url, "wal") as (url, _):
+            engine = make_engine(url)
+            try:
+                with engine.connect() as conn:
+                    start = _wal_position(conn)
+                    measure(url, batches, size)
+                    written.append(_wal_position(conn) - start)
+            finally:
+                engine.dispose()
+    return (written[1] - written[0]) / ((n - 1) * size)
+
+
+def _wal_position(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one())
+
+
 def main() -> None:
-    args = one_database_args(__doc__.splitlines()[0], 3000, size=True)
+    parser = one_database_parser(__doc__.splitlines()[0], 3000, size=True)
+    parser.add_argument("--wal", action="store_true", help="WAL bytes a fire (PostgreSQL)")
+    args = parser.parse_args()
+    if args.wal:
+        if args.db != "postgres":
+            parser.error("--wal measures PostgreSQL's WAL: add --db postgres")
+        wal = wal_per_fire(args.pg_url, args.n, args.size)
+        print(f"postgres: {wal:,.1f} bytes of WAL a fire (batches of {args.size:,})")
+        return
     with scratch_database(args.db, args.pg_url, "batch") as (url, _):
         times = sorted(measure(url, args.n, args.size))
     us = [t * 1e6 for t in times]
