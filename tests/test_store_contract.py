@@ -11,12 +11,13 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from program_timer.core.clock import FakeClock
 from program_timer.core.model import Timer
@@ -317,6 +318,43 @@ def test_a_fired_one_shot_is_kept_a_retention_after_its_fire(engine: Engine) -> 
         assert queries.timer_counts(conn).get("fired", 0) == 0
 
 
+def _plan(conn: Connection, sql: str, params: Any = ()) -> str:
+    """The plan of ``sql`` (in the driver's own parameter style) as one string: PostgreSQL's
+    JSON, or SQLite's steps joined by `` | ``."""
+    if conn.dialect.name == "postgresql":
+        return json.dumps(conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params).scalar())
+    rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
+    return " | ".join(str(row[-1]) for row in rows)
+
+
+def _generic_plan(conn: Connection, sql: str, params: Sequence[Any]) -> str:
+    """PostgreSQL's plan of ``sql`` (``?`` marks) prepared and forced generic: the plan a
+    prepared statement settles on after five runs, made without the parameters' values."""
+    numbered = sql
+    for n in range(1, len(params) + 1):
+        numbered = numbered.replace("?", f"${n}", 1)
+    conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+    conn.exec_driver_sql(f"PREPARE q AS {numbered}")
+    try:
+        values = ", ".join(
+            f"'{p.isoformat()}'" if isinstance(p, datetime) else str(p) for p in params
+        )
+        run = "EXPLAIN (FORMAT JSON) EXECUTE q" + (f"({values})" if params else "")
+        return json.dumps(conn.exec_driver_sql(run).scalar())
+    finally:
+        conn.exec_driver_sql("DEALLOCATE q")
+        conn.exec_driver_sql("RESET plan_cache_mode")
+
+
+def _assert_reads_index(conn: Connection, plan: str, index: str) -> None:
+    """``plan`` (:func:`_plan`) reads ``index``; on PostgreSQL, no table is read whole."""
+    if conn.dialect.name == "postgresql":
+        assert '"Node Type": "Seq Scan"' not in plan, plan
+        assert f'"Index Name": "{index}"' in plan, plan
+    else:
+        assert index in plan, plan
+
+
 def test_the_purge_of_fired_timers_reads_their_partial_index(engine: Engine) -> None:
     """Only fired one-shots are in ``ix_timers_fired`` (migration 0007), and the purge finds
     them through it, never by reading every timer: the state in its condition is a literal, so
@@ -328,16 +366,9 @@ def test_the_purge_of_fired_timers_reads_their_partial_index(engine: Engine) -> 
     with engine.connect() as conn:
         conn.exec_driver_sql("ANALYZE")
         compiled = purge_fired_statement(T0).compile(dialect=conn.dialect)
-        if engine.dialect.name == "postgresql":
-            sql = "EXPLAIN (FORMAT JSON) " + str(compiled)
-            plan = json.dumps(conn.exec_driver_sql(sql, dict(compiled.params)).scalar())
-            assert '"Node Type": "Seq Scan"' not in plan, plan
-            assert '"Index Name": "ix_timers_fired"' in plan, plan
-        else:
-            sql = "EXPLAIN QUERY PLAN " + str(compiled)
-            rows = conn.exec_driver_sql(sql, (T0.isoformat(),))
-            plan = " | ".join(str(row[-1]) for row in rows)
-            assert "ix_timers_fired" in plan, plan
+        postgres = engine.dialect.name == "postgresql"
+        params = dict(compiled.params) if postgres else (T0.isoformat(),)
+        _assert_reads_index(conn, _plan(conn, str(compiled), params), "ix_timers_fired")
 
 
 def test_the_count_of_unrouted_events_reads_their_partial_index(engine: Engine) -> None:
@@ -370,14 +401,7 @@ def test_the_count_of_unrouted_events_reads_their_partial_index(engine: Engine) 
         assert conn.execute(unrouted_count()).scalar() == 10
         assert queries.delivery_figures(conn)["unrouted_events"] == 10
         sql = str(unrouted_count().compile(dialect=conn.dialect))
-        if engine.dialect.name == "postgresql":
-            plan = json.dumps(conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql).scalar())
-            assert '"Node Type": "Seq Scan"' not in plan, plan
-            assert '"Index Name": "ix_events_unrouted"' in plan, plan
-        else:
-            found = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)
-            plan = " | ".join(str(row[-1]) for row in found)
-            assert "ix_events_unrouted" in plan, plan
+        _assert_reads_index(conn, _plan(conn, sql), "ix_events_unrouted")
 
 
 def test_due_timers_are_found_through_their_partial_index(engine: Engine) -> None:
@@ -395,24 +419,10 @@ def test_due_timers_are_found_through_their_partial_index(engine: Engine) -> Non
         claim = claim_statement(conn, T0, 1000)
         for sql, params in ((claim.sql, claim.params), (NEXT_DUE, ())):
             if engine.dialect.name == "postgresql":
-                numbered = sql
-                for n in range(1, len(params) + 1):
-                    numbered = numbered.replace("?", f"${n}", 1)
-                conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-                conn.exec_driver_sql(f"PREPARE q AS {numbered}")
-                values = ", ".join(
-                    f"'{p.isoformat()}'" if isinstance(p, datetime) else str(p) for p in params
-                )
-                run = "EXPLAIN (FORMAT JSON) EXECUTE q" + (f"({values})" if params else "")
-                plan = json.dumps(conn.exec_driver_sql(run).scalar())
-                conn.exec_driver_sql("DEALLOCATE q")
-                conn.exec_driver_sql("RESET plan_cache_mode")
-                assert '"Node Type": "Seq Scan"' not in plan, plan
-                assert '"Index Name": "ix_timers_due_at"' in plan, plan
+                plan = _generic_plan(conn, sql, params)
             else:
-                found = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
-                plan = " | ".join(str(row[-1]) for row in found)
-                assert "ix_timers_due_at" in plan, plan
+                plan = _plan(conn, sql, params)
+            _assert_reads_index(conn, plan, "ix_timers_due_at")
         due = driver.fetch_many(conn, [claim])[0]
     expected = sum(1 for t in stored if t.due_at is not None and t.due_at <= T0)
     assert len(due) == min(1000, expected)
@@ -986,13 +996,10 @@ def test_a_command_group_reads_its_timers_by_key_through_the_index(engine: Engin
         keys += [("nobody", f"n{i}") for i in range(30)]
         (statement,) = _timers_by_key(conn, keys)
         if engine.dialect.name == "postgresql":
-            sql = "EXPLAIN (FORMAT JSON) " + driver._postgres_marks(statement.sql)
-            plan = json.dumps(conn.exec_driver_sql(sql, statement.params).scalar())
-            assert '"Node Type": "Seq Scan"' not in plan, plan
-            assert '"Index Name": "uq_timers_persona_name"' in plan, plan
+            sql = driver._postgres_marks(statement.sql)
+            _assert_reads_index(conn, _plan(conn, sql, statement.params), "uq_timers_persona_name")
         else:
-            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement.sql, statement.params)
-            plan = " | ".join(str(row[-1]) for row in rows)
+            plan = _plan(conn, statement.sql, statement.params)
             assert "SCAN timers" not in plan, plan
             assert "USING INDEX" in plan, plan
         rows = driver.fetch_many(conn, [statement])[0]
