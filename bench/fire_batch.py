@@ -17,10 +17,10 @@ no threads: the figure is the store path alone, steadier than the daemon's rows.
 is then the fire path's own cost under a burst.
 
 With ``--wal`` (PostgreSQL) it prints instead the WAL the server wrote a fire, its timer's
-creation included: ``pg_current_wal_lsn()`` around ``--n`` batches and around one, each on a
-fresh database, the difference divided by the fires between. What the server does for a fire
-is not in this process's time or instructions; its WAL is, to the byte, whatever the machine's
-speed (it counts the whole server: run it on a quiet one).
+creation included: the WAL records that change the benchmark's database (``pg_walinspect``,
+created there) over ``--n`` batches and over one, each on a fresh database, the difference
+divided by the fires between. What the server does for a fire is not in this process's time
+or instructions; its WAL is, whatever the machine's speed or what else the server runs.
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def measure(url: str, n: int, size: int = 1) -> list[float]:
 
 
 def wal_per_fire(pg_url: str, n: int, size: int) -> float:
-    """WAL bytes a fire (its timer's creation included): the server's WAL position around
-    ``n`` batches of ``size`` and around one, each on a fresh database, the difference divided
-    by the ``(n - 1) * size`` fires between."""
+    """WAL bytes a fire (its timer's creation included): the WAL records of the benchmark's
+    database over ``n`` batches of ``size`` and over one, each on a fresh database, the
+    difference divided by the ``(n - 1) * size`` fires between."""
     if n < 2:
         raise ValueError("--wal needs --n 2 or more")
     written = []
@@ -114,16 +114,41 @@ def wal_per_fire(pg_url: str, n: int, size: int) -> float:
             engine = make_engine(url)
             try:
                 with engine.connect() as conn:
-                    start = _wal_position(conn)
+                    conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_walinspect"))
+                    conn.commit()
+                    start = conn.execute(text("SELECT pg_current_wal_lsn()")).scalar_one()
                     measure(url, batches, size)
-                    written.append(_wal_position(conn) - start)
+                    written.append(_database_wal(conn, start))
             finally:
                 engine.dispose()
     return (written[1] - written[0]) / ((n - 1) * size)
 
 
-def _wal_position(conn: Connection) -> int:
-    return int(conn.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one())
+def _database_wal(conn: Connection, start: str) -> int:
+    """Bytes of the WAL records since ``start`` that change this connection's database (by
+    ``pg_walinspect``): what other databases of the server write at the same time is left
+    out. Read once the server has flushed them."""
+    end = conn.execute(text("SELECT pg_current_wal_lsn()")).scalar_one()
+    conn.commit()
+    deadline = time.monotonic() + 10
+    while not conn.execute(
+        text("SELECT pg_current_wal_flush_lsn() >= CAST(:end AS pg_lsn)"), {"end": end}
+    ).scalar_one():
+        conn.commit()
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not flush its WAL within 10 s")
+        time.sleep(0.05)
+    total = conn.execute(
+        text(
+            "SELECT coalesce(sum(record_length), 0) FROM pg_get_wal_records_info("
+            "CAST(:start AS pg_lsn), CAST(:end AS pg_lsn)) WHERE block_ref ~ ("
+            "' rel [0-9]+/' || (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " || '/')"
+        ),
+        {"start": start, "end": end},
+    ).scalar_one()
+    conn.commit()
+    return int(total)
 
 
 def main() -> None:

@@ -271,9 +271,10 @@ def test_command_cpu_runs_the_daemon_under_a_wrapper_and_reads_its_instructions(
 
 @pytest.mark.postgres
 def test_fire_batch_counts_the_wal_a_fire_writes(pg_template: str) -> None:
-    """``--wal``: the server's WAL a fire, from two fresh databases (dropped after). A fire
-    writes its event, its delivery and its timer, each with its indexes: hundreds of bytes at
-    the least, and far from a page a fire."""
+    """``--wal``: the WAL a fire writes into its database, from two fresh databases (dropped
+    after); the other tests writing to the same server at the same time are not counted. A
+    fire writes its event, its delivery and its timer, each with its indexes: hundreds of
+    bytes at the least, and far from a page a fire."""
     wal = bench_fire_batch.wal_per_fire(PG_ADMIN, 2, 200)
     assert 500 < wal < 8192, wal
     with pytest.raises(ValueError, match="--n 2"):
